@@ -1,0 +1,28 @@
+"""Configuration: typed sections, presets, YAML in and out, dotted overrides and validation."""
+from megacpm.config.loader import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    load_config,
+    preset_names,
+)
+from megacpm.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+from megacpm.config.validate import validate
+
+__all__ = [
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig",
+    "OptimConfig", "ParallelConfig", "RunConfig", "ScheduleConfig", "TrainConfig",
+    "config_from_dict", "config_to_dict", "dump_yaml", "load_config", "preset_names", "validate",
+]

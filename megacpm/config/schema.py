@@ -1,0 +1,163 @@
+"""Typed configuration of a megacpm run: one dataclass per section.
+
+Field names follow ../docs/interface.md (and Hugging Face's MiniCPM names for the model), so a
+config can be written as YAML, overridden with ``--section.key=value`` and serialised back to the
+run directory's ``config.yaml`` unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+@dataclass
+class ModelConfig:
+    """MiniCPM architecture and its muP hyperparameters (Hugging Face names where one exists)."""
+
+    hidden_size: int = 256
+    intermediate_size: int = 640
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    vocab_size: int = 8192
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    # None, or {"type": "dynamic", "factor": F}: NTK-aware scaling of the 128K model.
+    rope_scaling: Optional[Dict[str, Any]] = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    # muP (MiniCPM, Table 7). use_mup=False gives the standard parametrisation used as the
+    # wind tunnel's baseline: no forward multipliers, plain init_std and one learning rate.
+    use_mup: bool = True
+    scale_emb: float = 12.0
+    scale_depth: float = 1.4
+    dim_model_base: int = 256
+    initializer_range: float = 0.1
+    # Whether the (tied) embedding counts as a "2-D tensor" for muP's init std / lr rules. The
+    # paper's literal wording says it does; the sources do not settle it.
+    mup_embedding_as_matrix: bool = True
+    # "auto": flash-attn on CUDA when installed, else torch's scaled_dot_product_attention.
+    attention_impl: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def width_mult(self) -> float:
+        """muP's m = d_model / dim_model_base (1 under the standard parametrisation)."""
+        return self.hidden_size / self.dim_model_base if self.use_mup else 1.0
+
+    @property
+    def residual_scale(self) -> float:
+        """r = scale_depth / sqrt(L), the multiplier of every residual branch (1 without muP)."""
+        return self.scale_depth / math.sqrt(self.num_hidden_layers) if self.use_mup else 1.0
+
+    @property
+    def embedding_scale(self) -> float:
+        return self.scale_emb if self.use_mup else 1.0
+
+
+@dataclass
+class ParallelConfig:
+    """3D layout. The data-parallel size is derived: world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    sp: bool = False
+    zero1: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    seed: int = 1234
+    global_batch_size: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    seq_len: int = 256
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_batches: int = 8  # micro-batches of the validation split per evaluation
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    activation_checkpointing: bool = False
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. The paper does not report betas/eps/wd/clip: these are our documented defaults."""
+
+    lr: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """The LR as a pure function of the (1-based) step. See megacpm.optim.schedule."""
+
+    kind: str = "wsd"  # "wsd" | "cosine" | "constant"
+    warmup_steps: int = 0
+    decay_start: Optional[int] = None  # first decay step; None: train.steps - decay_steps
+    decay: str = "exp"  # "exp" | "linear" | "cosine" | "1-sqrt"
+    half_life: Optional[int] = None  # steps, for decay "exp"; None: decay_steps / 3.32 (lr/10 at the end)
+    decay_steps: Optional[int] = None  # None: 10% of train.steps
+    min_lr: Optional[float] = None  # floor; None: 0 for wsd, 0.1 * lr for cosine
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from.
+
+    ``source: embedded`` is the built-in corpus (the Python standard library's own sources and
+    docstrings, which exist on every machine) with a BPE tokenizer trained on it and cached.
+    ``source: text`` reads UTF-8 text files from ``path`` (a file or a directory).
+    """
+
+    source: str = "embedded"
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None  # a tokenizers JSON file; None trains one on the corpus (cached)
+    cache_dir: Optional[str] = None  # None: $MEGACPM_CACHE or ~/.cache/megacpm
+    val_fraction: float = 0.02  # documents held out for validation
+    max_corpus_mb: float = 8.0  # cap on the embedded corpus size
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100  # steps; 0 saves only at the end (and on SIGTERM / Ctrl-C)
+    keep: int = 3  # newest complete checkpoints kept; 0 keeps all
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    progress: bool = True  # console progress bar
+    nvml: bool = True  # GPU memory / utilisation when nvidia-ml-py and a GPU are present
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None  # None: runs/<config name>
+    name: str = "run"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS = ("run", "model", "parallel", "train", "optim", "schedule", "data", "checkpoint", "log")

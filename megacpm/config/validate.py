@@ -1,0 +1,174 @@
+"""Semantic checks of a Config: every value that cannot work is one ConfigError naming its key.
+
+Runs before any process group, directory or file is created.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from megacpm.config.loader import ConfigError
+from megacpm.config.schema import Config
+
+SCHEDULE_KINDS = ("wsd", "cosine", "constant")
+DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt")
+DATA_SOURCES = ("embedded", "text")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        need = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{key}: must be {need}, got {value}")
+
+
+def _one_of(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+
+
+def validate_model(cfg: Config) -> None:
+    m = cfg.model
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings", "dim_model_base"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("rope_theta", "rms_norm_eps", "scale_emb", "scale_depth", "initializer_range"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads: {m.num_attention_heads} does not divide "
+            f"model.hidden_size {m.hidden_size}"
+        )
+    if m.head_dim % 2:
+        raise ConfigError(f"model.num_attention_heads: head_dim {m.head_dim} must be even for RoPE")
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise ConfigError(
+            f"model.num_key_value_heads: {m.num_key_value_heads} does not divide "
+            f"model.num_attention_heads {m.num_attention_heads}"
+        )
+    _one_of("model.attention_impl", m.attention_impl, ("auto", "sdpa", "flash", "eager"))
+    if m.rope_scaling is not None:
+        kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
+        factor = m.rope_scaling.get("factor")
+        if kind != "dynamic" or not isinstance(factor, (int, float)) or factor < 1:
+            raise ConfigError(
+                "model.rope_scaling: expected null or {type: dynamic, factor: F >= 1}, "
+                f"got {m.rope_scaling!r}"
+            )
+
+
+def validate_parallel(cfg: Config, world_size: int) -> None:
+    p, m = cfg.parallel, cfg.model
+    for key in ("tp", "pp", "vpp"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp: {p.tp} does not divide model.num_attention_heads {m.num_attention_heads}"
+        )
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(
+            f"parallel.tp * parallel.pp = {p.tp * p.pp} does not divide the world size {world_size}"
+        )
+    if m.num_hidden_layers % (p.pp * p.vpp):
+        raise ConfigError(
+            f"parallel.pp * parallel.vpp = {p.pp * p.vpp} does not divide "
+            f"model.num_hidden_layers {m.num_hidden_layers}"
+        )
+    if p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sp or p.zero1:
+        # The layouts of the parallelism issue are not in this build; refuse rather than ignore.
+        raise ConfigError(
+            "parallel: tensor/pipeline parallelism, sequence parallelism and ZeRO-1 are not "
+            "available in this version; use parallel.tp=1, pp=1, vpp=1, sp=false, zero1=false"
+        )
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+
+
+def validate_train(cfg: Config, world_size: int) -> None:
+    t = cfg.train
+    for key in ("steps", "global_batch_size", "micro_batch_size", "seq_len", "log_interval",
+                "eval_interval"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.eval_batches", t.eval_batches, allow_zero=True)
+    _positive("train.num_threads", t.num_threads, allow_zero=True)
+    dp = data_parallel_size(cfg, world_size)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp}"
+        )
+    if t.seq_len > cfg.model.max_position_embeddings and cfg.model.rope_scaling is None:
+        raise ConfigError(
+            f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings "
+            f"{cfg.model.max_position_embeddings}"
+        )
+    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
+    _one_of("train.precision", t.precision, ("auto", "fp32", "bf16"))
+
+
+def validate_optim(cfg: Config) -> None:
+    o = cfg.optim
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.eps", o.eps)
+    _positive("optim.clip_grad", o.clip_grad, allow_zero=True)
+    for key in ("beta1", "beta2"):
+        value = getattr(o, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"optim.{key}: must be in [0, 1), got {value}")
+
+
+def validate_schedule(cfg: Config) -> None:
+    s = cfg.schedule
+    _one_of("schedule.kind", s.kind, SCHEDULE_KINDS)
+    _one_of("schedule.decay", s.decay, DECAY_SHAPES)
+    _positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
+    for key in ("decay_start", "decay_steps"):
+        value: Optional[int] = getattr(s, key)
+        if value is not None:
+            _positive(f"schedule.{key}", value, allow_zero=True)
+    if s.half_life is not None:
+        _positive("schedule.half_life", s.half_life)
+    if s.min_lr is not None:
+        _positive("schedule.min_lr", s.min_lr, allow_zero=True)
+        if s.min_lr > cfg.optim.lr:
+            raise ConfigError(f"schedule.min_lr: {s.min_lr} exceeds optim.lr {cfg.optim.lr}")
+    if s.decay_start is not None and s.decay_start < s.warmup_steps:
+        raise ConfigError(
+            f"schedule.decay_start: {s.decay_start} is before the end of warmup "
+            f"(schedule.warmup_steps {s.warmup_steps})"
+        )
+
+
+def validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _one_of("data.source", d.source, DATA_SOURCES)
+    if d.source == "text":
+        if not d.path:
+            raise ConfigError("data.path: required when data.source is 'text'")
+        if not os.path.exists(d.path):
+            raise ConfigError(f"data.path: {d.path} does not exist")
+    if d.tokenizer is not None and not os.path.isfile(d.tokenizer):
+        raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file")
+    if not 0.0 < d.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+    _positive("data.max_corpus_mb", d.max_corpus_mb)
+
+
+def validate_checkpoint(cfg: Config) -> None:
+    _positive("checkpoint.interval", cfg.checkpoint.interval, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep, allow_zero=True)
+
+
+def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> Config:
+    """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
+    validate_model(cfg)
+    validate_parallel(cfg, world_size)
+    validate_train(cfg, world_size)
+    validate_optim(cfg)
+    validate_schedule(cfg)
+    if check_data:
+        validate_data(cfg)
+    validate_checkpoint(cfg)
+    return cfg
