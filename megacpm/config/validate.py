@@ -73,11 +73,20 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.pp * parallel.vpp = {p.pp * p.vpp} does not divide "
             f"model.num_hidden_layers {m.num_hidden_layers}"
         )
-    if p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sp or p.zero1:
-        # The layouts of the parallelism issue are not in this build; refuse rather than ignore.
+
+
+def check_trainable_layout(cfg: Config, world_size: int) -> None:
+    """Layouts the trainer of this version runs: one process, no model parallelism.
+
+    ``megacpm info`` still plans any valid layout; training refuses rather than silently ignoring
+    tp/pp/sp/zero1 settings.
+    """
+    p = cfg.parallel
+    if world_size > 1 or p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sp or p.zero1:
         raise ConfigError(
-            "parallel: tensor/pipeline parallelism, sequence parallelism and ZeRO-1 are not "
-            "available in this version; use parallel.tp=1, pp=1, vpp=1, sp=false, zero1=false"
+            "parallel: this version trains in one process only (no tensor/pipeline/data "
+            "parallelism, sequence parallelism or ZeRO-1 yet); use parallel.tp=1, pp=1, vpp=1, "
+            "sp=false, zero1=false and a single process"
         )
 
 

@@ -1,0 +1,12 @@
+"""Checkpoints: atomic writes, DCP-based save/load in model space, the ``latest`` pointer."""
+from megacpm.checkpoint.manager import (
+    CheckpointError,
+    TrainerState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+__all__ = ["CheckpointError", "TrainerState", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,148 @@
+"""``megacpm VERB ...``: a thin layer that parses arguments and calls library functions.
+
+Every user error (bad config value, unusable checkpoint, diverged run) is one line on stderr and a
+non-zero exit code, never a traceback. Nothing is created before the config has been validated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from megacpm.config import ConfigError, config_to_dict, dump_yaml, load_config, preset_names, validate
+from megacpm.config.validate import check_trainable_layout, data_parallel_size
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"megacpm: error: {message}", file=sys.stderr)
+    return code
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cmd_train(config: str, overrides: List[str]) -> int:
+    cfg = load_config(config, overrides)
+    world_size = _world_size()
+    validate(cfg, world_size=world_size)
+    check_trainable_layout(cfg, world_size)
+    # Imported after validation: a bad config must fail fast, without loading torch's heavy parts.
+    from megacpm.checkpoint import CheckpointError
+    from megacpm.data import DataError
+    from megacpm.train.trainer import Trainer, TrainingDiverged
+
+    try:
+        result = Trainer(cfg).run()
+    except (CheckpointError, DataError, TrainingDiverged) as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    if result.status == "completed":
+        summary = f"done: {result.run_dir} at step {result.step}"
+        if result.last_eval_loss is not None:
+            summary += f", eval_loss {result.last_eval_loss:.4f}"
+        print(summary)
+    return 0
+
+
+def model_summary(cfg, world_size: int) -> dict:
+    """Sizes, FLOPs and per-rank memory of a config, computed without allocating the model."""
+    from megacpm.model import count_parameters
+    from megacpm.train.flops import flops_per_token
+    from megacpm.train.memory import estimate_training_memory
+
+    counts = count_parameters(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    device_type = "cuda" if cfg.train.device != "cpu" else "cpu"
+    memory = estimate_training_memory(cfg, counts["total"], device_type=device_type)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    return {
+        "config": cfg.run.name,
+        "total_params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
+        "embedding_params": counts["embedding"],
+        "flops_per_token": flops["training"],
+        "forward_flops_per_token": flops["forward"],
+        "tokens_per_step": tokens_per_step,
+        "flops_per_step": flops["training"] * tokens_per_step,
+        "layout": {"world_size": world_size, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                   "vpp": cfg.parallel.vpp, "dp": data_parallel_size(cfg, world_size)},
+        "memory_per_rank_bytes": memory,
+        "resolved_config": config_to_dict(cfg),
+    }
+
+
+def _format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3f}{unit}"
+    return str(n)
+
+
+def cmd_info(config: str, overrides: List[str], as_json: bool, world_size: int) -> int:
+    cfg = load_config(config, overrides)
+    validate(cfg, world_size=world_size, check_data=False)
+    summary = model_summary(cfg, world_size)
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    mem = summary["memory_per_rank_bytes"]
+    layout = summary["layout"]
+    lines = [
+        f"config                 {summary['config']}",
+        f"total params           {summary['total_params']:,} ({_format_count(summary['total_params'])})",
+        f"non-embedding params   {summary['non_embedding_params']:,} "
+        f"({_format_count(summary['non_embedding_params'])})",
+        f"embedding params       {summary['embedding_params']:,}",
+        f"training FLOPs/token   {_format_count(summary['flops_per_token'])}",
+        f"tokens per step        {summary['tokens_per_step']:,}",
+        f"layout                 world {layout['world_size']} = tp {layout['tp']} x pp {layout['pp']} "
+        f"x dp {layout['dp']} (vpp {layout['vpp']})",
+        "memory per rank (estimate of one training step):",
+    ]
+    lines += [f"  {k:<20} {v / 2**30:9.3f} GiB" for k, v in mem.items()]
+    lines += ["resolved config:", *("  " + line for line in dump_yaml(cfg).splitlines())]
+    print("\n".join(lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megacpm", allow_abbrev=False,
+        description="Train MiniCPM-family models (muP, WSD, 3D parallelism).",
+        epilog=f"presets: {', '.join(preset_names())}",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    train = verbs.add_parser("train", allow_abbrev=False, help="pretrain or continue a run",
+                             description="Pretrain or continue a run. Overrides: --section.key=value.")
+    train.add_argument("config", help="preset name, YAML file or run directory")
+    info = verbs.add_parser("info", allow_abbrev=False, help="parameters, FLOPs and memory of a config")
+    info.add_argument("config", help="preset name, YAML file or run directory")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.add_argument("--world-size", type=int, default=None,
+                      help="plan for this many ranks (default: $WORLD_SIZE or 1)")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.verb == "train":
+            return cmd_train(args.config, overrides)
+        if args.verb == "info":
+            return cmd_info(args.config, overrides, args.json, args.world_size or _world_size())
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    parser.error(f"unknown verb {args.verb}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
