@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from megacpm.checkpoint.atomic import atomic_directory, remove_stale_tmp, write_text_atomic
@@ -97,6 +98,16 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(
             [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in state["cuda"]]
         )
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The underlying error of a DCP failure (DCP wraps each rank's exception)."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        exc = next(iter(failures.values()))
+        exc = exc[0] if isinstance(exc, tuple) else exc
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _model_shape(model_cfg: ModelConfig) -> Dict[str, Any]:
@@ -175,9 +186,8 @@ def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
         raise CheckpointError(f"{state_dir / '.metadata'}: missing (incomplete checkpoint)")
     try:
         _dcp_quiet(dcp.load, target, checkpoint_id=str(state_dir))
-    except Exception as exc:  # DCP wraps per-rank failures; name the directory and the first cause
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{state_dir}: cannot be read ({first_line})") from None
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{state_dir}: cannot be read ({_first_cause(exc)})") from None
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     else:
