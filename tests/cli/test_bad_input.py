@@ -1,18 +1,7 @@
 """Bad input as a user meets it: the real CLI in a subprocess, one line naming the problem, no files."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "megacpm", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+from tests.support import run_cli
 
 
 @pytest.mark.parametrize("override, key", [

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.conftest import run_cli, start_cli
+from tests.support import run_cli, start_cli
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,38 @@
+"""`megacpm info`: the paper's parameter counts, computed without allocating the model."""
+import json
+
+import pytest
+
+from tests.support import run_cli
+
+
+@pytest.mark.parametrize("preset, non_embedding, vocab, hidden, tied", [
+    ("minicpm-2.4b", 2442057984, 122753, 2304, True),
+    ("minicpm-1.2b", 1247442432, 73440, 1536, True),
+    ("minicpm-2.4b-128k", 2442057984, 122760, 2304, False),
+])
+def test_info_json_reports_the_papers_counts(preset, non_embedding, vocab, hidden, tied):
+    result = run_cli("info", preset, "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["non_embedding_params"] == non_embedding
+    assert info["total_params"] == non_embedding + (1 if tied else 2) * vocab * hidden
+    # 6N rule of thumb plus attention: within a few percent of 6 * matmul params for these shapes.
+    matmul_params = non_embedding + vocab * hidden
+    assert 6 * matmul_params <= info["flops_per_token"] <= 6.6 * matmul_params
+    memory = info["memory_per_rank_bytes"]
+    assert memory["weights"] == 4 * info["total_params"]
+    assert memory["optimizer"] == 8 * info["total_params"]
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+
+
+def test_info_text_and_overrides():
+    result = run_cli("info", "tiny", "--model.num_hidden_layers=8")
+    assert result.returncode == 0, result.stderr
+    assert "non-embedding params" in result.stdout and "num_hidden_layers: 8" in result.stdout
+
+
+def test_info_bad_override_is_one_line():
+    result = run_cli("info", "tiny", "--model.hidden_size=250")
+    assert result.returncode == 2
+    assert "model.num_attention_heads" in result.stderr and "Traceback" not in result.stderr
