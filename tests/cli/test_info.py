@@ -17,9 +17,12 @@ def test_info_json_reports_the_papers_counts(preset, non_embedding, vocab, hidde
     info = json.loads(result.stdout)
     assert info["non_embedding_params"] == non_embedding
     assert info["total_params"] == non_embedding + (1 if tied else 2) * vocab * hidden
-    # 6N rule of thumb plus attention: within a few percent of 6 * matmul params for these shapes.
-    matmul_params = non_embedding + vocab * hidden
-    assert 6 * matmul_params <= info["flops_per_token"] <= 6.6 * matmul_params
+    # PaLM's convention: 6 x matmul parameters (LM head included, norms negligible) + 12 L H Q T.
+    cfg = info["resolved_config"]
+    model, seq = cfg["model"], cfg["train"]["seq_len"]
+    matmul_params = non_embedding + vocab * hidden - (2 * model["num_hidden_layers"] + 1) * hidden
+    attention = 12 * model["num_hidden_layers"] * hidden * seq
+    assert info["flops_per_token"] == 6 * matmul_params + attention
     memory = info["memory_per_rank_bytes"]
     assert memory["weights"] == 4 * info["total_params"]
     assert memory["optimizer"] == 8 * info["total_params"]

@@ -1,0 +1,82 @@
+"""Causal self-attention kernels, selected by ``ModelConfig.attention_impl``.
+
+All take q [batch, seq, n_heads, head_dim] and k, v [batch, seq, n_kv_heads, head_dim] (grouped-query
+attention when n_kv_heads < n_heads) and return [batch, seq, n_heads, head_dim], scaled by
+1 / sqrt(head_dim).
+
+- "flash": flash-attn's ``flash_attn_func`` (CUDA, fp16/bf16 only; imported lazily).
+- "sdpa": ``torch.nn.functional.scaled_dot_product_attention`` (any device).
+- "auto": flash-attn when the inputs allow it and it is installed, else sdpa.
+- "eager": plain matmul + fp32 softmax; the readable reference path.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_function() -> Optional[Callable]:
+    """flash-attn's ``flash_attn_func``, or None when it is not installed (import attempted once)."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception:  # ImportError, or a build that fails to load against this torch / CUDA
+        return None
+    return flash_attn_func
+
+
+def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Expand [b, s, n_kv_heads, d] to [b, s, n_heads, d]: each kv head serves n_heads / n_kv_heads q heads."""
+    groups = n_heads // x.shape[2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    seq_len, n_heads = q.shape[1], q.shape[2]
+    k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    grouped = k.shape[1] != q.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+    return out.transpose(1, 2)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    flash_attn_func = flash_attn_function()
+    if flash_attn_func is None:
+        raise RuntimeError("model.attention_impl is 'flash' but flash-attn is not installed "
+                           "(pip install flash-attn), or use attention_impl 'auto' or 'sdpa'")
+    if not q.is_cuda or q.dtype not in HALF_DTYPES:
+        raise RuntimeError("model.attention_impl 'flash' needs CUDA tensors in fp16/bf16 "
+                           f"(got {q.device.type}, {q.dtype}); use 'auto' or 'sdpa' here")
+    # flash-attn handles grouped kv heads itself and wants all three inputs in one half dtype.
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return flash_attn_func(q, k, v, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    if impl == "eager":
+        return eager_attention(q, k, v)
+    if impl == "flash":
+        return flash_attention(q, k, v)
+    if impl == "auto":
+        if q.is_cuda and q.dtype in HALF_DTYPES and flash_attn_function() is not None:
+            return flash_attention(q, k, v)
+        return sdpa_attention(q, k, v)
+    if impl == "sdpa":
+        return sdpa_attention(q, k, v)
+    raise ValueError(f"unknown attention_impl {impl!r} (expected auto, sdpa, flash or eager)")
