@@ -26,7 +26,7 @@ from megacpm.config import ConfigError, load_config, validate  # noqa: E402
 from megacpm.model import MiniCPM, count_parameters  # noqa: E402
 from megacpm.optim import build_optimizer, clip_grad_norm_, set_lr  # noqa: E402
 from megacpm.train.flops import flops_per_token  # noqa: E402
-from megacpm.train.trainer import autocast_dtype, resolve_device  # noqa: E402
+from megacpm.train.device import autocast_dtype, resolve_device  # noqa: E402
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

@@ -24,6 +24,7 @@ from megacpm.data import build_datasets, get_batch
 from megacpm.model import MiniCPM
 from megacpm.optim import LRSchedule, build_optimizer, clip_grad_norm_, set_lr
 from megacpm.train.callbacks import Console, GpuMonitor, MetricsFile, TensorBoard
+from megacpm.train.device import autocast_dtype, resolve_device
 
 IGNORE_INDEX = -100
 
@@ -39,23 +40,6 @@ class RunResult:
     last_loss: Optional[float]
     last_eval_loss: Optional[float]
     run_dir: Path
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    wanted = cfg.train.device
-    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device: 'cuda' requested but no CUDA device is available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast over fp32 master weights on CUDA by default; fp32 on CPU unless asked."""
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 class StopRequest:

@@ -1,0 +1,25 @@
+"""Where a run computes and in which precision."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megacpm.config import Config
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device: 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast over fp32 master weights on CUDA by default; fp32 on CPU unless asked."""
+    precision = cfg.train.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
