@@ -156,7 +156,8 @@ class MiniCPM(nn.Module):
 
         The logits are computed ``chunk_tokens`` tokens at a time (default ``self.loss_chunk_tokens``),
         each chunk under activation checkpointing, so only one chunk's [tokens, vocab] logits is
-        alive in the forward or the backward.
+        alive in the forward or the backward. When all tokens fit in one chunk nothing is
+        recomputed: its saved logits are the one chunk the backward would rebuild anyway.
         """
         chunk_tokens = chunk_tokens or self.loss_chunk_tokens
         hidden = self._scaled_hidden(input_ids).flatten(0, 1)

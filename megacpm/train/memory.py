@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Dict
 
 from megacpm.config import Config
+from megacpm.model.minicpm import DEFAULT_LOSS_CHUNK_TOKENS
 
 BYTES_PER_PARAM_STATE = {"weights": 4, "grads": 4, "optimizer": 8}
-LOSS_CHUNK_TOKENS = 4096
 
 
 def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> int:
@@ -44,7 +44,7 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
     else:
         activations = layers_per_rank * per_layer
     # The chunked loss holds one chunk's fp32 logits and their gradient.
-    loss_chunk = 2 * min(tokens, LOSS_CHUNK_TOKENS) * m.vocab_size * 4
+    loss_chunk = 2 * min(tokens, DEFAULT_LOSS_CHUNK_TOKENS) * m.vocab_size * 4
     estimate = {
         "weights": params_per_rank * BYTES_PER_PARAM_STATE["weights"],
         "grads": params_per_rank * BYTES_PER_PARAM_STATE["grads"],

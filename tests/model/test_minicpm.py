@@ -1,12 +1,15 @@
 """MiniCPM forward, loss, init and rotary tables against references written from the formulas here."""
+import ast
 import math
+import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megacpm.config import ModelConfig
-from megacpm.model import MiniCPM, RotaryEmbedding
+from megacpm.model import MiniCPM, RotaryEmbedding, attention
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -150,6 +153,17 @@ def test_loss_chunk_size_attribute_and_custom_ignore_index():
     assert int(count_whole) == int(count_chunked) == int((labels != 5).sum())
 
 
+def test_loss_with_every_label_ignored_is_zero():
+    cfg = tiny_config()
+    model = build(cfg)
+    ids = random_ids(cfg)
+    labels = torch.full_like(ids, -100)
+    loss_sum, num_tokens = model.loss(ids, labels, chunk_tokens=4)
+    loss_sum.backward()
+    assert loss_sum.detach().item() == 0.0 and int(num_tokens) == 0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters())
+
+
 # -- activation checkpointing ---------------------------------------------------------------------------
 def test_activation_checkpointing_gives_identical_loss_and_gradients():
     cfg = tiny_config(num_hidden_layers=3)
@@ -181,6 +195,77 @@ def test_bf16_autocast_runs_and_stays_close():
     assert logits.dtype == torch.float32 and loss_sum.dtype == torch.float32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
     assert abs(loss_sum.item() - reference.item()) < 0.05 * float(reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "eager"])
+def test_cuda_bf16_autocast_stays_close_to_fp32(impl):
+    cfg = tiny_config(attention_impl=impl)
+    model = build(cfg).cuda()
+    ids, labels = random_ids(cfg).cuda(), random_ids(cfg, seed=2).cuda()
+    with torch.no_grad():
+        reference, _ = model.loss(ids, labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_sum, _ = model.loss(ids, labels, chunk_tokens=8)
+    loss_sum.backward()
+    assert loss_sum.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert abs(loss_sum.item() - reference.item()) < 0.05 * float(reference)
+
+
+def test_rms_norm_rounds_the_normalised_value_to_the_input_dtype():
+    from megacpm.model.minicpm import rms_norm
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    gain = torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5
+    wide = x.double()
+    normed = (wide / torch.sqrt((wide * wide).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    out = rms_norm(x, gain, 1e-5)
+    # The fp32 gain multiplies the bf16-rounded value (recipe section 1), so the result is fp32.
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, gain * normed.float(), atol=0, rtol=2 ** -8)
+
+
+def module_level_imports(path: str):
+    """Top-level module names imported outside any function or class body of a source file."""
+    pending, names = list(ast.parse(open(path).read()).body), []
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue  # imports inside these run only when called
+        if isinstance(node, ast.Import):
+            names += [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module.split(".")[0])
+        pending += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+    return names
+
+
+def test_flash_attn_is_imported_lazily_and_not_on_cpu(monkeypatch):
+    import megacpm.model
+    package = os.path.dirname(megacpm.model.__file__)
+    for file in sorted(os.listdir(package)):
+        if file.endswith(".py"):
+            assert "flash_attn" not in module_level_imports(os.path.join(package, file)), file
+
+    class ImportSpy:  # records any attempt to find flash_attn during a CPU forward with impl "auto"
+        def __init__(self):
+            self.attempts = []
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "flash_attn":
+                self.attempts.append(name)
+            return None
+
+    spy = ImportSpy()
+    monkeypatch.setattr(sys, "meta_path", [spy] + sys.meta_path)
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    attention.flash_attn_function.cache_clear()  # an earlier cached lookup would hide an attempt
+    cfg = tiny_config(attention_impl="auto")
+    build(cfg)(random_ids(cfg))
+    assert not spy.attempts
+    attention.flash_attn_function()  # the spy does see a real lookup
+    assert spy.attempts
+    attention.flash_attn_function.cache_clear()
 
 
 # -- muP init ------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Parameter counts against the MiniCPM paper's published non-embedding sizes."""
 import pytest
 
+import megacpm.model.params as params_module
 from megacpm.config import ModelConfig, load_config
 from megacpm.model import MiniCPM, count_parameters
 
@@ -27,3 +28,18 @@ def test_matches_a_materialised_model_and_the_formula():
     d, kv = 64, 2 * 16
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * 96 + 2 * d
     assert counts["non_embedding"] == 3 * per_layer + d
+
+
+def test_counts_on_the_meta_device(monkeypatch):
+    # The 2.4B-128K model would need about 11 GB in fp32: counting must not allocate any of it.
+    built = []
+
+    class Recording(MiniCPM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(params_module, "MiniCPM", Recording)
+    count_parameters(load_config("minicpm-2.4b-128k").model)
+    assert len(built) == 1
+    assert all(p.is_meta for p in built[0].parameters())
