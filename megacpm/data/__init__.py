@@ -1,0 +1,20 @@
+"""The data pipeline: corpus (embedded stdlib sources or text files) -> BPE tokenizer -> cached
+tokens -> train/validation document split -> seeded GPT sample streams.
+
+Entry points: ``build_datasets(data_cfg, vocab_size, seq_len, seed)`` and
+``get_batch(dataset, start, count)``; every user-facing problem raises ``DataError``.
+"""
+from megacpm.data.build import DataBundle, build_datasets
+from megacpm.data.errors import DataError
+from megacpm.data.gpt_dataset import GPTSampleDataset, get_batch
+from megacpm.data.tokenizer import EOD_ID, EOD_TOKEN
+
+__all__ = [
+    "DataBundle",
+    "DataError",
+    "EOD_ID",
+    "EOD_TOKEN",
+    "GPTSampleDataset",
+    "build_datasets",
+    "get_batch",
+]

@@ -1,0 +1,173 @@
+"""From a DataConfig to train/validation sample streams: corpus -> tokenizer -> tokens -> split.
+
+The tokenized corpus is cached under ``<cache>/tokens/`` (uint16 when the vocabulary fits, else
+int32; one flat token array plus document offsets), keyed by the corpus fingerprint and the exact
+tokenizer, so a second build only stats the corpus files and loads two .npy files.
+
+The validation split is a fixed, seed-independent choice of whole documents (see
+validation_doc_ids): changing train.seed never moves a document between splits.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from megacpm.config.schema import DataConfig
+from megacpm.data.cache import cache_key, resolve_cache_dir, save_npy_atomic
+from megacpm.data.corpus import Corpus, text_corpus
+from megacpm.data.embedded import embedded_corpus
+from megacpm.data.errors import DataError
+from megacpm.data.gpt_dataset import GPTSampleDataset
+from megacpm.data.tokenizer import LoadedTokenizer, id_space_size, load_given_tokenizer, load_or_train_tokenizer
+
+DATA_SOURCES = ("embedded", "text")
+
+# Seeds the choice of validation documents. A constant on purpose: see the module doc.
+VALIDATION_SPLIT_SEED = 20240401
+
+UINT16_VOCAB_LIMIT = 1 << 16
+
+
+@dataclass
+class DataBundle:
+    train: GPTSampleDataset
+    valid: GPTSampleDataset
+    tokenizer: Tokenizer
+    eod_id: int  # the end-of-document token appended to every document
+    tokenizer_vocab_size: int  # may be below model.vocab_size
+    train_tokens: int  # tokens in each split's stream, end-of-document tokens included
+    valid_tokens: int
+    train_docs: int
+    valid_docs: int
+
+    def describe(self) -> str:
+        return (
+            f"train {self.train_tokens:,} tokens / {self.train_docs} docs, "
+            f"valid {self.valid_tokens:,} tokens / {self.valid_docs} docs, "
+            f"tokenizer vocab {self.tokenizer_vocab_size}"
+        )
+
+
+def open_corpus(data_cfg: DataConfig) -> Corpus:
+    if data_cfg.source == "embedded":
+        return embedded_corpus(data_cfg.max_corpus_mb)
+    if data_cfg.source == "text":
+        if not data_cfg.path:
+            raise DataError("data.path: required when data.source is 'text'")
+        return text_corpus(data_cfg.path)
+    raise DataError(f"data.source: {data_cfg.source!r} is not one of {', '.join(DATA_SOURCES)}")
+
+
+def token_dtype(tokenizer: Tokenizer) -> np.dtype:
+    fits_uint16 = id_space_size(tokenizer) <= UINT16_VOCAB_LIMIT
+    return np.dtype(np.uint16 if fits_uint16 else np.int32)
+
+
+def tokenize_documents(tokenizer: Tokenizer, documents: List[str], dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """(flat tokens, int64 offsets [num_docs + 1]). Encodes in parallel on all cores (Rust threads)."""
+    # encode_batch_fast skips computing character offsets, which we never use (tokenizers >= 0.20).
+    encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    encodings = encode_batch(documents, add_special_tokens=False)
+    per_doc = [np.asarray(encoding.ids, dtype=dtype) for encoding in encodings]
+    offsets = np.zeros(len(per_doc) + 1, dtype=np.int64)
+    np.cumsum([len(ids) for ids in per_doc], out=offsets[1:])
+    tokens = np.concatenate(per_doc) if per_doc else np.zeros(0, dtype=dtype)
+    return tokens, offsets
+
+
+def load_or_tokenize(
+    corpus: Corpus, loaded: LoadedTokenizer, cache_dir: Path, read_documents: Callable[[], List[str]]
+) -> Tuple[np.ndarray, np.ndarray]:
+    dtype = token_dtype(loaded.tokenizer)
+    tokenizer_hash = hashlib.sha256(loaded.json_text.encode("utf-8")).hexdigest()
+    key = cache_key(["tokens", corpus.fingerprint, tokenizer_hash, dtype.str])
+    tokens_path = cache_dir / "tokens" / f"{key}.tokens.npy"
+    offsets_path = cache_dir / "tokens" / f"{key}.offsets.npy"
+    # The offsets file is written last: its presence means both files are complete.
+    if offsets_path.is_file() and tokens_path.is_file():
+        return np.load(tokens_path), np.load(offsets_path)
+    tokens, offsets = tokenize_documents(loaded.tokenizer, read_documents(), dtype)
+    save_npy_atomic(tokens_path, tokens)
+    save_npy_atomic(offsets_path, offsets)
+    return tokens, offsets
+
+
+def validation_doc_ids(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Sorted ids of the held-out documents: round(val_fraction * num_docs) of them, at least 1.
+
+    They are drawn in a fixed pseudo-random order, but a document holding more than val_fraction
+    of all tokens comes last in that order: one such document alone would exceed the intended
+    share (the embedded corpus' pydoc topics, 8% of its tokens, would turn a 2% split into 10% and
+    take the only English prose out of training). It is held out only when too few others exist.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    num_docs = len(doc_lengths)
+    num_valid = min(max(1, round(val_fraction * num_docs)), num_docs - 1)
+    rng = np.random.Generator(np.random.PCG64(VALIDATION_SPLIT_SEED))
+    order = rng.permutation(num_docs)
+    oversized = doc_lengths[order] > val_fraction * doc_lengths.sum()
+    ranked = np.concatenate([order[~oversized], order[oversized]])
+    return np.sort(ranked[:num_valid])
+
+
+def gather_documents(tokens: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The given documents' tokens back to back, with their new offsets."""
+    lengths = offsets[doc_ids + 1] - offsets[doc_ids]
+    new_offsets = np.zeros(len(doc_ids) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    pieces = [tokens[offsets[d] : offsets[d + 1]] for d in doc_ids]
+    return (np.concatenate(pieces) if pieces else tokens[:0]), new_offsets
+
+
+def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
+    """The train and validation sample streams of data_cfg for a model with vocab_size tokens."""
+    corpus = open_corpus(data_cfg)
+    cache_dir = resolve_cache_dir(data_cfg.cache_dir)
+    # Read at most once, and only when the tokenizer or the tokens are not cached.
+    read_documents = functools.lru_cache(maxsize=1)(corpus.read_documents)
+
+    if data_cfg.tokenizer:
+        loaded = load_given_tokenizer(data_cfg.tokenizer, vocab_size)
+    else:
+        loaded = load_or_train_tokenizer(corpus, vocab_size, cache_dir, read_documents)
+    tokens, offsets = load_or_tokenize(corpus, loaded, cache_dir, read_documents)
+
+    num_docs = len(offsets) - 1
+    if num_docs < 2:
+        raise DataError(
+            f"{corpus.description}: {num_docs} document(s); need at least 2 (one is held out for "
+            "validation). A text file's documents are separated by two or more blank lines"
+        )
+    is_valid = np.zeros(num_docs, dtype=bool)
+    is_valid[validation_doc_ids(np.diff(offsets), data_cfg.val_fraction)] = True
+    splits = {}
+    for split, doc_ids in (("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid))):
+        split_tokens, split_offsets = gather_documents(tokens, offsets, doc_ids)
+        stream_tokens = len(split_tokens) + len(doc_ids)  # + one end-of-document token per document
+        if stream_tokens < seq_len + 1:
+            raise DataError(
+                f"data: the {split} split of {corpus.description} has {stream_tokens} tokens "
+                f"({len(doc_ids)} documents), fewer than train.seq_len + 1 = {seq_len + 1}; "
+                "use more text or change data.val_fraction"
+            )
+        splits[split] = GPTSampleDataset(
+            split_tokens, split_offsets, seq_len=seq_len, seed=seed, eod_id=loaded.eod_id, split=split
+        )
+    return DataBundle(
+        train=splits["train"],
+        valid=splits["valid"],
+        tokenizer=loaded.tokenizer,
+        eod_id=loaded.eod_id,
+        tokenizer_vocab_size=id_space_size(loaded.tokenizer),
+        train_tokens=splits["train"].num_tokens,
+        valid_tokens=splits["valid"].num_tokens,
+        train_docs=splits["train"].num_docs,
+        valid_docs=splits["valid"].num_docs,
+    )
