@@ -40,7 +40,7 @@ class DataBundle:
     valid: GPTSampleDataset
     tokenizer: Tokenizer
     eod_id: int  # the end-of-document token appended to every document
-    tokenizer_vocab_size: int  # may be below model.vocab_size
+    tokenizer_vocab_size: int  # largest token id + 1; may be below model.vocab_size
     train_tokens: int  # tokens in each split's stream, end-of-document tokens included
     valid_tokens: int
     train_docs: int

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 SMALL = ["--model.hidden_size=64", "--model.intermediate_size=160", "--model.num_hidden_layers=2",
          "--model.num_attention_heads=4", "--model.num_key_value_heads=2", "--model.vocab_size=1024",
          "--model.dim_model_base=16", "--train.seq_len=64", "--train.global_batch_size=8",
-         "--train.micro_batch_size=4", "--data.max_corpus_mb=0.5", "--train.eval_batches=2",
+         "--train.micro_batch_size=4", "--data.max_corpus_mb=0.5", "--data.val_fraction=0.1", "--train.eval_batches=2",
          "--log.tensorboard=false", "--log.progress=false"]
 
 
@@ -57,7 +57,7 @@ def test_loss_falls_and_run_dir_layout(tmp_path, data_cache):
     # Untrained, the loss is about ln(vocab); after 80 steps it must have fallen clearly.
     first = losses(run_dir)[1]
     assert abs(first - math.log(1024)) < 1.0
-    assert evals[80] < evals[20] - 0.3 and evals[80] < first - 2.0
+    assert evals[80] < evals[20] - 0.3 and evals[80] < first - 1.0
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_80"
     assert (run_dir / "checkpoints" / "step_40").is_dir()
@@ -120,7 +120,7 @@ def test_extending_steps_continues_the_same_data(tmp_path, data_cache):
 def test_non_finite_loss_stops_with_the_step_named(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     result = run_cli("train", "tiny", f"--run.dir={run_dir}", f"--data.cache_dir={data_cache}", *SMALL,
-                     "--train.steps=5", "--model.scale_emb=1e38")
+                     "--train.steps=5", "--model.initializer_range=1e20")
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "step 1" in lines[0] and "non-finite" in lines[0]
