@@ -11,32 +11,44 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 Series = Tuple[List[int], List[float]]
+KEYS = ("loss", "eval_loss", "lr")
 
 
 class PlotError(Exception):
     pass
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_series(metrics: Path) -> Dict[str, Series]:
+    """Each key's (steps, values), sorted by step; a later record for the same step wins."""
     if not metrics.is_file():
         raise PlotError(f"{metrics}: no such file (is this a run directory?)")
-    series: Dict[str, Series] = {"loss": ([], []), "eval_loss": ([], []), "lr": ([], [])}
-    for line in metrics.read_text().splitlines():
+    try:
+        lines = metrics.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlotError(f"{metrics}: cannot read: {exc}") from None
+    points: Dict[str, Dict[int, float]] = {key: {} for key in KEYS}
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line torn by a crash
-        for key, (steps, values) in series.items():
-            if key in record and "step" in record:
-                steps.append(record["step"])
-                values.append(record[key])
-    if not series["loss"][0]:
-        raise PlotError(f"{metrics}: no training records with a loss")
-    return series
+            continue  # a line torn by a crash mid-write
+        if not isinstance(record, dict) or not _number(record.get("step")):
+            continue
+        for key in KEYS:
+            if _number(record.get(key)):
+                points[key][int(record["step"])] = float(record[key])
+    if not points["loss"]:
+        raise PlotError(f"{metrics}: no training records with a step and a loss")
+    return {key: (sorted(p), [p[s] for s in sorted(p)]) for key, p in points.items()}
 
 
 def plot(series: Dict[str, Series], title: str, output: Path) -> None:
@@ -57,12 +69,21 @@ def plot(series: Dict[str, Series], title: str, output: Path) -> None:
     ax_lr.plot(*series["lr"], color="tab:green", linewidth=1)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = output.with_name(f".tmp-{output.name}")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, output)
+    # A unique temporary name in the same directory, then os.replace: a reader (or a second
+    # plot_run) never sees a half-written PNG.
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
+        os.replace(tmp, output)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -73,10 +94,14 @@ def main(argv=None) -> int:
     output = args.output or args.run_dir / "curves.png"
     try:
         series = read_series(args.run_dir / "metrics.jsonl")
-        plot(series, args.run_dir.resolve().name, output)
     except PlotError as exc:
         print(f"plot_run: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        plot(series, args.run_dir.resolve().name, output)
+    except OSError as exc:
+        print(f"plot_run: error: cannot write {output}: {exc}", file=sys.stderr)
+        return 1
     print(output)
     return 0
 

@@ -104,9 +104,9 @@ class ScheduleConfig:
 
     kind: str = "wsd"  # "wsd" | "cosine" | "constant"
     warmup_steps: int = 0
-    decay_start: Optional[int] = None  # first decay step; None: train.steps - decay_steps
+    decay_start: Optional[int] = None  # first decay step; None: train.steps - decay_steps + 1
     decay: str = "exp"  # "exp" | "linear" | "cosine" | "1-sqrt"
-    half_life: Optional[int] = None  # steps, for decay "exp"; None: decay_steps / 3.32 (lr/10 at the end)
+    half_life: Optional[float] = None  # steps, for decay "exp"; None: decay_steps / 3.32 (lr/10 at the end)
     decay_steps: Optional[int] = None  # None: 10% of train.steps
     min_lr: Optional[float] = None  # floor; None: 0 for wsd, 0.1 * lr for cosine
 

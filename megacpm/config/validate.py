@@ -148,6 +148,13 @@ def validate_schedule(cfg: Config) -> None:
             f"schedule.decay_start: {s.decay_start} is before the end of warmup "
             f"(schedule.warmup_steps {s.warmup_steps})"
         )
+    # The schedule resolves its own defaults; any combination it rejects is a config error too.
+    from megacpm.optim.schedule import LRSchedule  # local: megacpm.optim imports megacpm.config
+
+    try:
+        LRSchedule.from_config(s, cfg.optim.lr, cfg.train.steps)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate_data(cfg: Config) -> None:

@@ -1,8 +1,8 @@
 """AdamW with muP parameter groups (MiniCPM, Table 7).
 
-Every 2-D weight trains at lr / m (m = hidden_size / dim_model_base), other parameters at lr. Norm
-gains get no weight decay. Each group carries ``lr_scale``, so one global LR from the schedule sets
-them all (``set_lr``).
+Every 2-D weight trains at lr / m (m = hidden_size / dim_model_base; 1 without muP), other
+parameters at lr. Norm gains get no weight decay. Each group carries ``lr_scale``, so the one
+global LR of the schedule sets them all (``set_lr``).
 """
 from __future__ import annotations
 
@@ -16,21 +16,26 @@ from megacpm.config import ModelConfig, OptimConfig
 EMBEDDING = "embed_tokens.weight"
 
 
+def _is_embedding(name: str) -> bool:
+    # Suffix match: wrappers (DDP's "module.", torch.compile's "_orig_mod.") prefix the names.
+    return name == EMBEDDING or name.endswith("." + EMBEDDING)
+
+
 def param_groups(model: nn.Module, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> List[Dict]:
-    matrix_scale = 1.0 / model_cfg.width_mult
+    """The "matrix" (lr / m), "embedding" (lr) and "vector" (lr, no weight decay) groups; empty
+    groups are omitted and every parameter appears once."""
+    # The embedding is known by identity, whatever alias of a tied parameter comes first.
+    embedding_ids = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
+                     if _is_embedding(name)}
     groups: Dict[str, Dict] = {
-        "matrix": {"params": [], "lr_scale": matrix_scale, "weight_decay": optim_cfg.weight_decay},
+        "matrix": {"params": [], "lr_scale": 1.0 / model_cfg.width_mult, "weight_decay": optim_cfg.weight_decay},
         "embedding": {"params": [], "lr_scale": 1.0, "weight_decay": optim_cfg.weight_decay},
         "vector": {"params": [], "lr_scale": 1.0, "weight_decay": 0.0},
     }
-    seen = set()
-    for name, param in model.named_parameters():  # tied parameters are yielded once
-        if not param.requires_grad or id(param) in seen:
-            continue
-        seen.add(id(param))
+    for param in model.parameters():  # yields a tied parameter once
         if param.ndim < 2:
-            group = "vector"
-        elif name == EMBEDDING and not model_cfg.mup_embedding_as_matrix:
+            group = "vector"  # RMSNorm gains
+        elif id(param) in embedding_ids and not model_cfg.mup_embedding_as_matrix:
             group = "embedding"
         else:
             group = "matrix"
@@ -40,9 +45,12 @@ def param_groups(model: nn.Module, model_cfg: ModelConfig, optim_cfg: OptimConfi
 
 def build_optimizer(model: nn.Module, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> torch.optim.AdamW:
     groups = param_groups(model, model_cfg, optim_cfg)
+    # The fused kernel is CUDA-only; elsewhere torch picks its default (foreach where supported).
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
-                             eps=optim_cfg.eps, fused=True if on_cuda else None)
+    optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2),
+                                  eps=optim_cfg.eps, fused=True if on_cuda else None)
+    set_lr(optimizer, optim_cfg.lr)  # scaled LRs from the start, not only after the first set_lr
+    return optimizer
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
