@@ -1,1 +1,5 @@
-"""megacpm.kernels: hand-written Triton kernels (RMSNorm, rotary, cross entropy), with PyTorch fallbacks."""
+"""megacpm.kernels: hand-written Triton kernels with PyTorch implementations for the CPU.
+
+Every function takes ``impl="auto" | "triton" | "torch"`` (see megacpm.kernels.dispatch) and is
+differentiable.
+"""
