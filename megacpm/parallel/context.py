@@ -1,0 +1,107 @@
+"""The process groups of a run, built once from the world size and the configured layout.
+
+Nothing here is global: the trainer creates one ParallelContext and hands it to whatever needs a
+group. A single-process run gets a context whose groups are all None, and every collective in
+megacpm treats a None group (or a group of one) as the identity.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megacpm.parallel.layout import ParallelLayout
+
+GROUP_KINDS = ("tp", "dp", "pp", "embedding", "model_parallel")
+
+
+def _groups_of(layout: ParallelLayout, kind: str) -> List[List[int]]:
+    return {
+        "tp": layout.tp_groups,
+        "dp": layout.dp_groups,
+        "pp": layout.pp_groups,
+        "embedding": layout.embedding_groups,
+        "model_parallel": layout.model_parallel_groups,
+    }[kind]()
+
+
+@dataclass
+class ParallelContext:
+    layout: ParallelLayout
+    rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    groups: Dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
+    group_ranks: Dict[str, List[int]] = field(default_factory=dict)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def single(cls, device: Optional[torch.device] = None) -> "ParallelContext":
+        return cls(ParallelLayout(1), 0, device or torch.device("cpu"),
+                   {k: None for k in GROUP_KINDS}, {k: [0] for k in GROUP_KINDS})
+
+    @classmethod
+    def initialize(cls, tp: int = 1, pp: int = 1, vpp: int = 1, timeout_s: float = 600.0,
+                   backend: Optional[str] = None) -> "ParallelContext":
+        """Join the default process group (from torchrun's environment) and build every group.
+
+        A rank that dies makes the others' collectives fail after ``timeout_s`` instead of hanging.
+        """
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        layout = ParallelLayout(world_size, tp, pp, vpp)  # validates before any group exists
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            device = torch.device("cuda", local_rank)
+        else:
+            device = torch.device("cpu")
+        if world_size == 1 and not dist.is_initialized():
+            return cls.single(device)
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        rank = dist.get_rank()
+        groups: Dict[str, Optional[dist.ProcessGroup]] = {}
+        group_ranks: Dict[str, List[int]] = {}
+        for kind in GROUP_KINDS:
+            # Every rank must create every group, in the same order, even those it is not in.
+            for ranks in _groups_of(layout, kind):
+                group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+                if rank in ranks:
+                    groups[kind], group_ranks[kind] = group, ranks
+        return cls(layout, rank, device, groups, group_ranks)
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- coordinates -----------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[1]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.layout.coordinates(self.rank)[2]
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    def group(self, kind: str) -> Optional[dist.ProcessGroup]:
+        return self.groups.get(kind)
