@@ -37,33 +37,52 @@ class Bucket:
 
 class GradBuffer:
     def __init__(self, params: Sequence[nn.Parameter], group: Group, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 on_launch=None):
+                 on_launch=None, shard_buckets: bool = False):
         self.group = group
         self.dp = group_size(group)
+        # ZeRO-1: each bucket is padded to a multiple of dp and reduce-scattered, rank r owning the
+        # r-th equal slice of every bucket (the slices may split a parameter).
+        self.shard_buckets = shard_buckets
         self.params = [p for p in params if p.requires_grad]
         self.sync_enabled = True
         self._on_launch = on_launch  # test/accounting hook: called with each bucket as it launches
         device = self.params[0].device if self.params else torch.device("cpu")
-        total = sum(p.numel() for p in self.params)
-        self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
         self.buckets: List[Bucket] = []
         self._bucket_of: Dict[int, Bucket] = {}
+        self.offsets: Dict[int, int] = {}  # id(param) -> its first element in the buffer
         bucket_elems = max(1, bucket_bytes // 4)
         offset = 0
         current = Bucket(0, 0, 0)
         for param in reversed(self.params):  # the backward's order
-            param.main_grad = self.buffer[offset:offset + param.numel()].view_as(param)
+            self.offsets[id(param)] = offset
             current.params.append(param)
             self._bucket_of[id(param)] = current
             offset += param.numel()
             current.end = offset
             if current.end - current.start >= bucket_elems:
+                offset = current.end = self._padded(current.end, current.start)
                 self.buckets.append(current)
                 current = Bucket(len(self.buckets), offset, offset)
         if current.params:
+            offset = current.end = self._padded(current.end, current.start)
             self.buckets.append(current)
+        self.buffer = torch.zeros(offset, dtype=torch.float32, device=device)
+        for param in self.params:
+            start = self.offsets[id(param)]
+            param.main_grad = self.buffer[start:start + param.numel()].view_as(param)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
         self.reset()
+
+    def _padded(self, end: int, start: int) -> int:
+        if not self.shard_buckets:
+            return end
+        length = end - start
+        return start + -(-length // self.dp) * self.dp
+
+    def owned_range(self, bucket: Bucket, rank: int):
+        """(start, end) buffer offsets of ``rank``'s slice of a bucket under ZeRO-1."""
+        shard = (bucket.end - bucket.start) // self.dp
+        return bucket.start + rank * shard, bucket.start + (rank + 1) * shard
 
     def reset(self) -> None:
         """Zero the accumulated gradients (the start of a step)."""
@@ -90,7 +109,12 @@ class GradBuffer:
             return
         view = self.buffer[bucket.start:bucket.end]
         view.div_(self.dp)  # average: scale first so the fp32 sum cannot overflow
-        bucket.handle = dist.all_reduce(view, group=self.group, async_op=True)
+        if self.shard_buckets and dist.get_backend(self.group) != "gloo":
+            start, end = self.owned_range(bucket, dist.get_rank(self.group))
+            bucket.handle = dist.reduce_scatter_tensor(self.buffer[start:end], view, group=self.group,
+                                                       async_op=True)
+        else:  # gloo has no reduce-scatter: all-reduce gives every rank its slice too
+            bucket.handle = dist.all_reduce(view, group=self.group, async_op=True)
 
     def finish(self) -> None:
         """Wait for every bucket (launching any whose gradients never all arrived) and expose grads."""
