@@ -73,13 +73,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        # Shapes come from the projections, not from x: under tensor/sequence parallelism x may be a
+        # sequence shard while q, k, v cover the whole sequence and only this rank's heads.
+        q = self.q_proj(x)
+        batch, seq_len = q.shape[:2]
+        q = q.view(batch, seq_len, -1, self.head_dim)
+        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rotary(q, k, cos, sin)
         out = causal_attention(q, k, v, self.impl)
-        return self.o_proj(out.reshape(batch, seq_len, self.n_heads * self.head_dim))
+        return self.o_proj(out.flatten(2))
 
 
 class DecoderLayer(nn.Module):
