@@ -43,13 +43,17 @@ class ColumnParallelLinear(nn.Module):
     """y = x @ W.T with W's output features split over the group: each rank computes its slice."""
 
     def __init__(self, in_features: int, out_features: int, group: Group, gather_output: bool = False,
-                 sequence_parallel: bool = False, dtype: torch.dtype = torch.float32):
+                 sequence_parallel: bool = False, input_ready: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         size = group_size(group)
         if out_features % size:
             raise ValueError(f"output features {out_features} do not divide over {size} tensor-parallel ranks")
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        # input_ready: the input already went through copy_to_tp / gather_from_sp once, in the norm
+        # that feeds several column layers (q, k, v; gate, up), so one collective serves them all.
+        self.input_ready = input_ready
         self.weight = nn.Parameter(torch.empty(out_features // size, in_features, dtype=dtype))
+        self.weight.tp_shard_dim = 0
 
     @classmethod
     def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs) -> "ColumnParallelLinear":
@@ -59,7 +63,8 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
+        if not self.input_ready:
+            x = gather_from_sp(x, self.group) if self.sequence_parallel else copy_to_tp(x, self.group)
         y = F.linear(x, self.weight)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
@@ -75,6 +80,7 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input features {in_features} do not divide over {size} tensor-parallel ranks")
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // size, dtype=dtype))
+        self.weight.tp_shard_dim = 1
 
     @classmethod
     def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs) -> "RowParallelLinear":
@@ -101,6 +107,7 @@ class VocabParallelEmbedding(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.vocab_start = _rank(group) * (vocab_size // size)
         self.weight = nn.Parameter(torch.empty(vocab_size // size, dim, dtype=dtype))
+        self.weight.tp_shard_dim = 0
 
     @classmethod
     def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs) -> "VocabParallelEmbedding":
