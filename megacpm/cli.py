@@ -58,7 +58,7 @@ def model_summary(cfg, world_size: int) -> dict:
     counts = count_parameters(cfg.model)
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     device_type = "cuda" if cfg.train.device != "cpu" else "cpu"
-    memory = estimate_training_memory(cfg, counts["total"], device_type=device_type)
+    memory = estimate_training_memory(cfg, counts["total"], device_type=device_type, world_size=world_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     return {
         "config": cfg.run.name,

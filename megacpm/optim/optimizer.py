@@ -25,8 +25,10 @@ def param_groups(model: nn.Module, model_cfg: ModelConfig, optim_cfg: OptimConfi
     """The "matrix" (lr / m), "embedding" (lr) and "vector" (lr, no weight decay) groups; empty
     groups are omitted and every parameter appears once."""
     # The embedding is known by identity, whatever alias of a tied parameter comes first.
+    # A pipeline's last stage holds a copy of a tied embedding (flagged shared_embedding): the
+    # same rules apply to it.
     embedding_ids = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
-                     if _is_embedding(name)}
+                     if _is_embedding(name) or getattr(p, "shared_embedding", False)}
     groups: Dict[str, Dict] = {
         "matrix": {"params": [], "lr_scale": 1.0 / model_cfg.width_mult, "weight_decay": optim_cfg.weight_decay},
         "embedding": {"params": [], "lr_scale": 1.0, "weight_decay": optim_cfg.weight_decay},

@@ -106,7 +106,7 @@ class PipelineStage(nn.Module):
     """One model chunk: [embedding] -> its decoder layers -> [final norm + LM head loss]."""
 
     def __init__(self, model: MiniCPM, layer_ids: range, first: bool, last: bool, tp_group: Group,
-                 sequence_parallel: bool, activation_checkpointing: bool = False):
+                 sequence_parallel: bool, activation_checkpointing: bool = False, pipeline_size: int = 1):
         super().__init__()
         self.cfg = model.cfg
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
@@ -116,23 +116,27 @@ class PipelineStage(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         self.norm = model.norm if last else None
         self.lm_head = None
+        self.tied_embedding = None
         if last:
             if model.lm_head is not None:
                 self.lm_head = model.lm_head
-            elif not first:
-                # Tied embedding on a pipeline: the last stage keeps its own copy of the embedding
-                # as the output weight; the trainer sums the two copies' gradients (embedding group).
+            elif pipeline_size > 1:
+                # Tied embedding across pipeline ranks: the last stage keeps its own copy as the
+                # output weight; the trainer sums the two copies' gradients over the embedding group.
                 self.lm_head = ColumnParallelLinear(self.cfg.hidden_size, model.embed_tokens.weight.shape[0]
                                                     * group_size(tp_group), tp_group, input_ready=True)
                 with torch.no_grad():
                     self.lm_head.weight.copy_(model.embed_tokens.weight)
                 self.lm_head.weight.shared_embedding = True
-                if self.embed_tokens is None:
-                    model.embed_tokens.weight.shared_embedding = True
+                self.lm_head.weight.embedding_copy = True  # counted once, on the first stage
+            elif not first:
+                self.tied_embedding = model.embed_tokens  # same rank: the very same parameter
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        return (self.embed_tokens or self.tied_embedding).weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed_tokens is not None:
@@ -173,11 +177,14 @@ def build_stages(cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool
     model.init_weights(generator)
     shard_tensor_parallel(model, ctx.group("tp"), sequence_parallel)
     pp, vpp = ctx.layout.pp, ctx.layout.vpp
+    if cfg.tie_word_embeddings and pp > 1:
+        model.embed_tokens.weight.shared_embedding = True  # summed with the last stage's copy
     stages = []
     for chunk in range(vpp):
         virtual = chunk * pp + ctx.pp_rank
         stages.append(PipelineStage(
             model, stage_layers(cfg.num_hidden_layers, pp, vpp, ctx.pp_rank, chunk),
             first=virtual == 0, last=virtual == pp * vpp - 1, tp_group=ctx.group("tp"),
-            sequence_parallel=sequence_parallel, activation_checkpointing=activation_checkpointing))
+            sequence_parallel=sequence_parallel, activation_checkpointing=activation_checkpointing,
+            pipeline_size=pp))
     return stages

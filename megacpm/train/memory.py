@@ -15,41 +15,67 @@ from megacpm.model.minicpm import DEFAULT_LOSS_CHUNK_TOKENS
 BYTES_PER_PARAM_STATE = {"weights": 4, "grads": 4, "optimizer": 8}
 
 
-def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> int:
-    """Tensors a decoder layer saves for its backward, per token (flash/sdpa attention: no s^2 term).
+def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> float:
+    """Tensors a decoder layer saves for its backward, per token, on one TP rank (flash/sdpa
+    attention: no s^2 term).
 
     attention half: norm input and output, q, k, v, attention output (+ fp32 log-sum-exp), o_proj
-    input; MLP half: norm input and output, gate, up, silu(gate), their product.
+    input; MLP half: norm input and output, gate, up, silu(gate), their product. The projections'
+    outputs are split over TP; the norms' tensors are split too under sequence parallelism.
     """
-    m = cfg.model
+    m, tp = cfg.model, cfg.parallel.tp
     kv_width = m.num_key_value_heads * m.head_dim
-    attention = (5 * m.hidden_size + 2 * kv_width) * act_bytes + 4 * m.num_attention_heads
-    mlp = (2 * m.hidden_size + 4 * m.intermediate_size) * act_bytes
-    return attention + mlp
+    replicated = 4 * m.hidden_size * act_bytes  # two norms' inputs and outputs
+    split = ((3 * m.hidden_size + 2 * kv_width + 4 * m.intermediate_size) * act_bytes
+             + 4 * m.num_attention_heads)
+    if cfg.parallel.sp:
+        replicated /= tp
+    return replicated + split / tp
 
 
-def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "cuda") -> Dict[str, int]:
-    """Bytes per rank for the configured layout (single process until parallel layouts land)."""
+def peak_in_flight_chunks(pp: int, vpp: int, micro_batches: int) -> int:
+    """Most model chunks whose activations pipeline rank 0 (the worst) holds at once."""
+    from megacpm.parallel.pipeline_schedule import build_schedule, check_schedule
+
+    try:
+        check_schedule(pp, micro_batches, vpp)
+    except ValueError:
+        return min(pp, micro_batches) * vpp  # an invalid schedule: a coarse bound for planning
+    in_flight = peak = 0
+    for action in build_schedule(pp, 0, micro_batches, vpp):
+        in_flight += 1 if action.kind == "F" else -1
+        peak = max(peak, in_flight)
+    return peak
+
+
+def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "cuda",
+                             world_size: int = 1) -> Dict[str, int]:
+    """Bytes per rank for the configured layout (tp, pp, vpp, dp, sp, zero1)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    shards = p.tp * p.pp
-    params_per_rank = num_params // shards
+    dp = max(1, world_size // (p.tp * p.pp))
+    params_per_rank = num_params // (p.tp * p.pp)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
     act_bytes = 2 if bf16 else 4
     tokens = t.micro_batch_size * t.seq_len
-    layers_per_rank = m.num_hidden_layers // p.pp
+    micro_batches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
+    layers_per_chunk = m.num_hidden_layers // (p.pp * p.vpp)
     per_layer = activation_bytes_per_token_per_layer(cfg, act_bytes) * tokens
+    chunks = peak_in_flight_chunks(p.pp, p.vpp, micro_batches) if p.pp > 1 else 1
     if t.activation_checkpointing:
         # Only each layer's input is kept; one layer's activations are rebuilt at a time.
-        activations = layers_per_rank * tokens * m.hidden_size * act_bytes + per_layer
+        layer_input = tokens * m.hidden_size * act_bytes / (p.tp if p.sp else 1)
+        activations = chunks * layers_per_chunk * layer_input + per_layer
     else:
-        activations = layers_per_rank * per_layer
-    # The chunked loss holds one chunk's fp32 logits and their gradient.
-    loss_chunk = 2 * min(tokens, DEFAULT_LOSS_CHUNK_TOKENS) * m.vocab_size * 4
+        activations = chunks * layers_per_chunk * per_layer
+    # The chunked loss holds one chunk's fp32 logits (this rank's vocabulary slice) and their gradient.
+    loss_chunk = 2 * min(tokens, DEFAULT_LOSS_CHUNK_TOKENS) * (m.vocab_size // p.tp) * 4
+    # AdamW's two fp32 moments; ZeRO-1 also keeps an fp32 master copy, all sharded over DP.
+    optimizer = params_per_rank * (12 / dp if p.zero1 else BYTES_PER_PARAM_STATE["optimizer"])
     estimate = {
         "weights": params_per_rank * BYTES_PER_PARAM_STATE["weights"],
         "grads": params_per_rank * BYTES_PER_PARAM_STATE["grads"],
-        "optimizer": params_per_rank * BYTES_PER_PARAM_STATE["optimizer"],
-        "activations": activations,
+        "optimizer": int(optimizer),
+        "activations": int(activations),
         "loss_chunk": loss_chunk,
     }
     estimate["total"] = sum(estimate.values())
