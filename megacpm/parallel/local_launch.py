@@ -1,0 +1,64 @@
+"""Run a function in N processes on this machine, as torchrun would, and collect the results.
+
+    results = run_distributed(fn, world_size=4, args=(...))   # results[rank] = fn(*args) on that rank
+
+Used by the tests (gloo layouts on one CPU machine) and by tools/bench_parallel.py.
+
+``fn`` must be importable (module level). Each child gets torchrun's environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT); a child's exception is re-raised in the parent with
+its traceback, and a child that hangs is killed after ``timeout`` seconds.
+"""
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _child(fn, rank, world_size, port, args, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        results.put((rank, "ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, args=(), timeout: float = 240.0):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(fn, rank, world_size, port, args, results), daemon=True)
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    collected, errors = {}, []
+    try:
+        for _ in range(world_size):
+            rank, status, value = results.get(timeout=timeout)
+            if status == "ok":
+                collected[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")
+                break  # the others may now hang in a collective: stop waiting
+    except queue.Empty:
+        errors.append(f"timed out after {timeout}s; ranks done: {sorted(collected)}")
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if errors else 30)
+            if proc.is_alive():
+                proc.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [collected[r] for r in range(world_size)]
