@@ -73,6 +73,23 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.pp * parallel.vpp = {p.pp * p.vpp} does not divide "
             f"model.num_hidden_layers {m.num_hidden_layers}"
         )
+    if m.vocab_size % p.tp:
+        # The vocab-parallel embedding and loss give each TP rank an equal vocabulary slice.
+        raise ConfigError(f"parallel.tp: {p.tp} does not divide model.vocab_size {m.vocab_size}")
+    if p.sp and p.tp == 1:
+        raise ConfigError("parallel.sp: sequence parallelism needs parallel.tp > 1")
+    if p.sp and cfg.train.seq_len % p.tp:
+        raise ConfigError(f"parallel.sp: parallel.tp {p.tp} does not divide train.seq_len {cfg.train.seq_len}")
+    if p.vpp > 1:
+        if p.pp == 1:
+            raise ConfigError("parallel.vpp: virtual pipeline stages need parallel.pp > 1")
+        dp = world_size // (p.tp * p.pp)
+        per_rank = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+        if per_rank % p.pp:
+            raise ConfigError(
+                f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({per_rank} = "
+                f"train.global_batch_size / (train.micro_batch_size * dp)) to be a multiple of parallel.pp {p.pp}"
+            )
 
 
 def check_trainable_layout(cfg: Config, world_size: int) -> None:

@@ -59,10 +59,14 @@ def test_bad_overrides_name_the_key(override, fragment):
     ("--schedule.kind=step", "schedule.kind"),
     ("--parallel.tp=3", "parallel.tp"),
     ("--optim.beta2=1.0", "optim.beta2"),
+    ("--parallel.tp=4 --model.vocab_size=8190", "model.vocab_size"),
+    ("--parallel.sp=true", "parallel.sp"),
+    ("--parallel.vpp=2", "parallel.vpp"),
+    ("--parallel.pp=2 --parallel.vpp=2 --train.global_batch_size=4", "micro-batches per step"),
 ])
 def test_semantic_validation_names_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
-        validate(load_config("tiny", [override]), check_data=False)
+        validate(load_config("tiny", ["--train.micro_batch_size=2", *override.split()]), check_data=False, world_size=4)
 
 
 def test_yaml_round_trip(tmp_path):
