@@ -3,3 +3,8 @@
 Every function takes ``impl="auto" | "triton" | "torch"`` (see megacpm.kernels.dispatch) and is
 differentiable.
 """
+from megacpm.kernels.rms_norm import rms_norm  # noqa: E402,F401
+from megacpm.kernels.rotary import rotary  # noqa: E402,F401
+from megacpm.kernels.cross_entropy import cross_entropy  # noqa: E402,F401
+from megacpm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy  # noqa: E402,F401
+from megacpm.kernels.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy  # noqa: E402,F401

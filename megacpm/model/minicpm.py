@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megacpm import kernels
 from megacpm.config import ModelConfig
 from megacpm.model.attention import causal_attention
 from megacpm.model.mup import init_weights
@@ -28,11 +29,10 @@ DEFAULT_LOSS_CHUNK_TOKENS = 4096
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2) + eps), statistics in fp32, normalised value back in x's dtype.
 
-    The one place RMSNorm is computed, so a fused kernel can replace it.
+    The one place RMSNorm is computed: megacpm.kernels.rms_norm with impl "auto" (the Triton kernel
+    on CUDA or under TRITON_INTERPRET=1, the PyTorch implementation with these semantics otherwise).
     """
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    return kernels.rms_norm(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -101,13 +101,6 @@ class DecoderLayer(nn.Module):
         return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
 
 
-def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int) -> torch.Tensor:
-    """Summed cross entropy of one chunk of tokens; the logits (fp32) exist only inside."""
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
-
-
 class MiniCPM(nn.Module):
     def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False,
                  loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS):
@@ -157,21 +150,16 @@ class MiniCPM(nn.Module):
              chunk_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(sum of token cross entropies in fp32, number of labels != ignore_index as int64).
 
-        The logits are computed ``chunk_tokens`` tokens at a time (default ``self.loss_chunk_tokens``),
-        each chunk under activation checkpointing, so only one chunk's [tokens, vocab] logits is
-        alive in the forward or the backward. When all tokens fit in one chunk nothing is
-        recomputed: its saved logits are the one chunk the backward would rebuild anyway.
+        megacpm.kernels.fused_linear_cross_entropy with muP's 1/m as its logit scale (one fewer pass
+        over the hidden states than dividing them): the logits are computed ``chunk_tokens`` tokens
+        at a time (default ``self.loss_chunk_tokens``) and never saved; each chunk's gradients are
+        computed in the forward (Triton on CUDA, PyTorch on the CPU).
         """
         chunk_tokens = chunk_tokens or self.loss_chunk_tokens
-        hidden = self._scaled_hidden(input_ids).flatten(0, 1)
+        hidden = self.hidden_states(input_ids).flatten(0, 1)
         labels = labels.reshape(-1)
         num_tokens = (labels != ignore_index).sum()
-        weight = self.output_weight
-        if hidden.shape[0] <= chunk_tokens:
-            return _chunk_cross_entropy(hidden, weight, labels, ignore_index), num_tokens
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for hidden_chunk, label_chunk in zip(hidden.split(chunk_tokens), labels.split(chunk_tokens)):
-            chunk = checkpoint(_chunk_cross_entropy, hidden_chunk, weight, label_chunk, ignore_index,
-                               use_reentrant=False)
-            total = total + chunk
-        return total, num_tokens
+        loss_sum = kernels.fused_linear_cross_entropy(hidden, self.output_weight, labels,
+                                              logit_scale=1.0 / self.cfg.width_mult, ignore_index=ignore_index,
+                                              reduction="sum", chunk_tokens=chunk_tokens)
+        return loss_sum, num_tokens

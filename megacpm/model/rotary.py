@@ -14,6 +14,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from megacpm import kernels
 from megacpm.config import ModelConfig
 
 # Distinct (seq_len, device) tables kept per RotaryEmbedding. Training uses one or two lengths;
@@ -62,16 +63,13 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     """Rotate q and k ([batch, seq, heads, head_dim]) by the [seq, head_dim] tables.
 
     The rotation runs in (at least) fp32, as in the released MiniCPM code, and the result is cast
-    back to the input dtype, so bf16 activations lose no precision in the angles.
+    back to the input dtype, so bf16 activations lose no precision in the angles. It is
+    megacpm.kernels.rotary (impl "auto": the Triton kernel on CUDA or under TRITON_INTERPRET=1,
+    PyTorch otherwise), which takes the half-width tables: both halves of ours are equal.
     """
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (wide * cos + rotate_half(wide) * sin).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    half = q.shape[-1] // 2
+    cos, sin = cos[:, :half], sin[:, :half]
+    return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
 
 
 class RotaryEmbedding(nn.Module):

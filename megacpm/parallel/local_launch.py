@@ -8,11 +8,14 @@ Used by the tests (gloo layouts on one CPU machine) and by tools/bench_parallel.
 LOCAL_RANK, MASTER_ADDR=127.0.0.1, MASTER_PORT); a child's exception is re-raised in the parent with
 its traceback, and a child that hangs is killed after ``timeout`` seconds.
 """
+import io
 import multiprocessing as mp
 import os
 import queue
 import socket
 import traceback
+
+import torch
 
 
 def free_port() -> int:
@@ -25,7 +28,11 @@ def _child(fn, rank, world_size, port, args, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        results.put((rank, "ok", fn(*args)))
+        # Serialised here, not by the queue: a tensor pickled by the queue would live in shared
+        # memory that vanishes when this child exits, possibly before the parent reads it.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -48,7 +55,7 @@ def run_distributed(fn, world_size: int, args=(), timeout: float = 240.0):
         for _ in range(world_size):
             rank, status, value = results.get(timeout=timeout)
             if status == "ok":
-                collected[rank] = value
+                collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
                 errors.append(f"rank {rank} failed:\n{value}")
                 break  # the others may now hang in a collective: stop waiting

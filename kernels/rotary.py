@@ -1,0 +1,164 @@
+"""Rotary position embedding (rotate-half convention) as a Triton kernel with a PyTorch twin.
+
+    out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin),   x1, x2 = the two halves of head_dim,
+
+for x [batch, seq, heads, head_dim] and fp32 tables cos, sin [>= seq + position_offset, head_dim // 2]
+(row s of x uses table row s + position_offset). The math runs in fp32 and the result has x's dtype.
+The backward is the same rotation with -sin. Any strides are taken (q and k as views of a fused
+qkv projection); GQA needs nothing special (k with fewer heads is another call).
+
+Layout (Liger's shape): the Triton kernel, a plain launcher, a torch.autograd.Function, then the
+functional API ``rotary(x, cos, sin, impl="auto", position_offset=0)``; ``rotary_torch`` is the
+PyTorch implementation.
+"""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import interpreter_enabled, use_triton
+
+try:  # triton is optional: the torch implementation needs nothing from it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+if triton is not None:
+    from .casting import cast_rne as _cast
+
+    @triton.jit
+    def _rotary_kernel(
+        X, COS, SIN, Y,
+        stride_xb, stride_xs, stride_xh, stride_xd,
+        stride_yb, stride_ys, stride_yh, stride_yd,
+        stride_cs, stride_cd, stride_ss, stride_sd,
+        seq_len, n_heads, half_dim, position_offset,
+        BACKWARD: tl.constexpr, EXACT_BF16: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One (batch, position) per program, all heads as a [BLOCK_H, BLOCK_D] tile of half-rows.
+
+        Forward: y1 = x1 c - x2 s, y2 = x2 c + x1 s. Backward (BACKWARD): the same with -s.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // seq_len
+        s = pid % seq_len
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        mask = (heads < n_heads) & (dims < half_dim)
+        d_mask = tl.arange(0, BLOCK_D) < half_dim
+
+        t = s + position_offset
+        c = tl.load(COS + t * stride_cs + tl.arange(0, BLOCK_D) * stride_cd, mask=d_mask, other=0.0).to(tl.float32)
+        sn = tl.load(SIN + t * stride_ss + tl.arange(0, BLOCK_D) * stride_sd, mask=d_mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            sn = -sn
+        c = c[None, :]
+        sn = sn[None, :]
+
+        x_row = X + b * stride_xb + s * stride_xs + heads * stride_xh
+        x1 = tl.load(x_row + dims * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + (dims + half_dim) * stride_xd, mask=mask, other=0.0).to(tl.float32)
+        y1 = x1 * c - x2 * sn
+        y2 = x2 * c + x1 * sn
+        y_row = Y + b * stride_yb + s * stride_ys + heads * stride_yh
+        tl.store(y_row + dims * stride_yd, _cast(y1, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+        tl.store(y_row + (dims + half_dim) * stride_yd, _cast(y2, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"rotary: x must be [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
+    head_dim = x.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rotary: head_dim must be even, got {head_dim}")
+    half = head_dim // 2
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 2 or table.shape[1] != half:
+            raise ValueError(f"rotary: {name} must be [seq, head_dim // 2 = {half}], got {tuple(table.shape)}")
+        if table.shape[0] < x.shape[1] + position_offset:
+            raise ValueError(f"rotary: {name} has {table.shape[0]} rows, needs seq + position_offset = "
+                             f"{x.shape[1] + position_offset}")
+        if table.device != x.device:
+            raise ValueError(f"rotary: {name} on {table.device}, x on {x.device}")
+    if position_offset < 0:
+        raise ValueError(f"rotary: position_offset must be >= 0, got {position_offset}")
+
+
+def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int = 0,
+                  backward: bool = False) -> torch.Tensor:
+    """Launch the kernel on any-strided x; returns a new contiguous tensor of x's shape and dtype."""
+    _check(x, cos, sin, position_offset)
+    if x.dtype not in TRITON_DTYPES or cos.dtype not in TRITON_DTYPES or sin.dtype not in TRITON_DTYPES:
+        raise TypeError(f"rotary (triton): x, cos, sin must be fp32, fp16 or bf16, "
+                        f"got {x.dtype}, {cos.dtype}, {sin.dtype}")
+    batch, seq, heads, head_dim = x.shape
+    y = torch.empty((batch, seq, heads, head_dim), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    half = head_dim // 2
+    block_h = triton.next_power_of_2(heads)
+    block_d = triton.next_power_of_2(half)
+    assert block_h >= heads and block_d >= half
+    # (batch, position) offsets are int64 in the kernel; offsets within one position stay int32.
+    for t in (x, y):
+        assert (heads - 1) * abs(t.stride(2)) + (head_dim - 1) * abs(t.stride(3)) < 2 ** 31, t.stride()
+    tile = block_h * block_d
+    num_warps = 8 if tile >= 4096 else 4
+    _rotary_kernel[(batch * seq,)](
+        x, cos, sin, y,
+        *x.stride(), *y.stride(),
+        cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
+        seq, heads, half, int(position_offset),
+        BACKWARD=bool(backward), EXACT_BF16=interpreter_enabled(),
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return y
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.position_offset = position_offset
+        return rotary_launch(x, cos, sin, position_offset, backward=False)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        dx = rotary_launch(dy, cos, sin, ctx.position_offset, backward=True)
+        return dx, None, None, None
+
+
+def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 position_offset: int = 0) -> torch.Tensor:
+    """PyTorch implementation: the rotation in (at least) fp32, the result in x's dtype."""
+    _check(x, cos, sin, position_offset)
+    seq, half = x.shape[1], x.shape[-1] // 2
+    cos = cos[position_offset: position_offset + seq][None, :, None, :]
+    sin = sin[position_offset: position_offset + seq][None, :, None, :]
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = wide[..., :half], wide[..., half:]
+    # Written as x1 c + (-x2) s so it is bit-identical to "x * cos + rotate_half(x) * sin".
+    out = torch.cat((x1 * cos + (-x2) * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto",
+           position_offset: int = 0) -> torch.Tensor:
+    """Rotate x [batch, seq, heads, head_dim] by the half-width tables cos, sin [seq, head_dim // 2].
+
+    ``impl``: "auto" (Triton on CUDA or under TRITON_INTERPRET=1, otherwise torch; also torch for
+    dtypes the kernel does not take, e.g. fp64), "triton" or "torch". ``position_offset``: row s of
+    x uses table row s + position_offset. The tables get no gradient.
+    """
+    position_offset = int(position_offset)
+    if use_triton(impl, x, cos, sin):
+        if impl == "auto" and any(t.dtype not in TRITON_DTYPES for t in (x, cos, sin)):
+            return rotary_torch(x, cos, sin, position_offset)
+        return RotaryFunction.apply(x, cos, sin, position_offset)
+    return rotary_torch(x, cos, sin, position_offset)
