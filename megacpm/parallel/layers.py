@@ -39,7 +39,23 @@ def shard(full: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return full.chunk(size, dim=dim)[_rank(group)].clone()
 
 
-class ColumnParallelLinear(nn.Module):
+class _FromFull(nn.Module):
+    """``from_full``: build the layer for a full weight and keep this rank's shard of it, cut along
+    the dimension the layer records on its weight (``tp_shard_dim``)."""
+
+    FULL_SHAPE_IS_OUT_IN = True  # linear weights are [out, in]; constructors take (in, out)
+
+    @classmethod
+    def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs):
+        rows, cols = full_weight.shape
+        dims = (cols, rows) if cls.FULL_SHAPE_IS_OUT_IN else (rows, cols)
+        layer = cls(*dims, group, dtype=full_weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(shard(full_weight, layer.weight.tp_shard_dim, group))
+        return layer
+
+
+class ColumnParallelLinear(_FromFull):
     """y = x @ W.T with W's output features split over the group: each rank computes its slice."""
 
     def __init__(self, in_features: int, out_features: int, group: Group, gather_output: bool = False,
@@ -55,12 +71,6 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features // size, in_features, dtype=dtype))
         self.weight.tp_shard_dim = 0
 
-    @classmethod
-    def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs) -> "ColumnParallelLinear":
-        layer = cls(full_weight.shape[1], full_weight.shape[0], group, dtype=full_weight.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(shard(full_weight, 0, group))
-        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_ready:
@@ -69,7 +79,7 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tp(y, self.group) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_FromFull):
     """y = x @ W.T with W's input features split: partial products summed over the group."""
 
     def __init__(self, in_features: int, out_features: int, group: Group, sequence_parallel: bool = False,
@@ -82,19 +92,14 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features // size, dtype=dtype))
         self.weight.tp_shard_dim = 1
 
-    @classmethod
-    def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs) -> "RowParallelLinear":
-        layer = cls(full_weight.shape[1], full_weight.shape[0], group, dtype=full_weight.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(shard(full_weight, 1, group))
-        return layer
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x_shard, self.weight)
         return reduce_scatter_sp(partial, self.group) if self.sequence_parallel else reduce_from_tp(partial, self.group)
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(_FromFull):
+    FULL_SHAPE_IS_OUT_IN = False  # the full weight is [vocab, dim], the constructor order
     """Each rank owns a contiguous vocabulary range; ids outside it embed to zero before the sum."""
 
     def __init__(self, vocab_size: int, dim: int, group: Group, sequence_parallel: bool = False,
@@ -109,12 +114,6 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_size // size, dim, dtype=dtype))
         self.weight.tp_shard_dim = 0
 
-    @classmethod
-    def from_full(cls, full_weight: torch.Tensor, group: Group, **kwargs) -> "VocabParallelEmbedding":
-        layer = cls(full_weight.shape[0], full_weight.shape[1], group, dtype=full_weight.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(shard(full_weight, 0, group))
-        return layer
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.vocab_start

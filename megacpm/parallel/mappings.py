@@ -69,105 +69,42 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+def _identity(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return x
 
 
-class _ReduceFromTP(torch.autograd.Function):
+class _Conjugate(torch.autograd.Function):
+    """forward(x) = forward_fn(x, group); backward(grad) = backward_fn(grad, group)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, forward_fn, backward_fn):
+        ctx.group, ctx.backward_fn = group, backward_fn
+        return forward_fn(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.backward_fn(grad, ctx.group), None, None, None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, -1, group)
+def _mapping(forward_fn, backward_fn):
+    def apply(x: torch.Tensor, group: Group) -> torch.Tensor:
+        return x if group_size(group) == 1 else _Conjugate.apply(x, group, forward_fn, backward_fn)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, -1, ctx.group), None
+    return apply
 
 
-class _GatherFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, -1, ctx.group), None
+def _last(fn):
+    return lambda x, group: fn(x, -1, group)
 
 
-class _ScatterToSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, SEQ_DIM, ctx.group), None
+def _seq(fn):
+    return lambda x, group: fn(x, SEQ_DIM, group)
 
 
-class _GatherFromSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, SEQ_DIM, ctx.group), None
-
-
-class _ReduceScatterSP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, SEQ_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, SEQ_DIM, ctx.group), None
-
-
-def copy_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
-
-
-def scatter_to_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterToTP.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromTP.apply(x, group)
-
-
-def scatter_to_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def gather_from_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _GatherFromSP.apply(x, group)
-
-
-def reduce_scatter_sp(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceScatterSP.apply(x, group)
+copy_to_tp = _mapping(_identity, _all_reduce)
+reduce_from_tp = _mapping(_all_reduce, _identity)
+scatter_to_tp = _mapping(_last(_split), _last(_all_gather))
+gather_from_tp = _mapping(_last(_all_gather), _last(_split))
+scatter_to_sp = _mapping(_seq(_split), _seq(_all_gather))
+gather_from_sp = _mapping(_seq(_all_gather), _seq(_reduce_scatter))
+reduce_scatter_sp = _mapping(_seq(_reduce_scatter), _seq(_all_gather))

@@ -8,6 +8,7 @@ import torch
 
 from megacpm.kernels import cross_entropy
 from megacpm.kernels.cross_entropy import default_block_size
+from references import cross_entropy_formula as formula, loss_and_grad
 from tolerance import assert_close_to_reference, dtype_atol
 
 IMPLS = ["triton", "torch"]
@@ -21,28 +22,6 @@ def make(rows, vocab, dtype, seed=0, ignore=(), spread=4.0):
         if i < rows:
             labels[i] = -100
     return logits, labels
-
-
-def formula(logits, labels, scale, ignore_index, reduction, z_loss):
-    """The loss written out, in logits' dtype (fp64 for the truth, the input dtype for the baseline)."""
-    x = logits * scale
-    lse = torch.logsumexp(x, dim=-1)
-    valid = labels != ignore_index
-    target = x.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    loss = lse - target + z_loss * lse * lse
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
-
-
-def loss_and_grad(fn, logits, grad_out):
-    logits = logits.detach().clone().requires_grad_(True)
-    loss = fn(logits)
-    (grad,) = torch.autograd.grad(loss, logits, grad_out.to(loss.dtype))
-    return loss.detach(), grad
 
 
 def check(impl, logits, labels, scale=1 / 9, ignore_index=-100, reduction="mean", z_loss=0.0, block_size=None,

@@ -9,6 +9,7 @@ import torch
 
 from megacpm.kernels import cross_entropy, vocab_parallel_cross_entropy
 from megacpm.parallel.local_launch import run_distributed
+from references import cross_entropy_formula as formula, loss_and_grad
 from tolerance import assert_close_to_reference, dtype_atol
 
 # (impl, dtype, rows, vocab, scale, reduction, ignored rows, all ignored)
@@ -61,26 +62,6 @@ def worker(cases):
     return out, refused
 
 
-def formula(logits, labels, scale, reduction):
-    x = logits * scale
-    lse = torch.logsumexp(x, dim=-1)
-    valid = labels != -100
-    target = x.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    loss = torch.where(valid, lse - target, torch.zeros_like(lse))
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
-
-
-def loss_and_grad(fn, logits, grad_out):
-    logits = logits.detach().clone().requires_grad_(True)
-    loss = fn(logits)
-    (grad,) = torch.autograd.grad(loss, logits, grad_out.to(loss.dtype))
-    return loss.detach(), grad
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_vocab_parallel_equals_one_process_cross_entropy(world):
     results = run_distributed(worker, world, args=(CASES,), timeout=300)
@@ -92,8 +73,8 @@ def test_vocab_parallel_equals_one_process_cross_entropy(world):
         g = grad_out if reduction == "none" else torch.tensor(1.7)
         one, one_grad = loss_and_grad(
             lambda x: cross_entropy(x, labels, logit_scale=scale, reduction=reduction, impl="torch"), logits, g)
-        ref, ref_grad = loss_and_grad(lambda x: formula(x, labels, scale, reduction), logits.double(), g)
-        base, base_grad = loss_and_grad(lambda x: formula(x, labels, scale, reduction), logits, g)
+        ref, ref_grad = loss_and_grad(lambda x: formula(x, labels, scale, reduction=reduction), logits.double(), g)
+        base, base_grad = loss_and_grad(lambda x: formula(x, labels, scale, reduction=reduction), logits, g)
         losses = [torch.tensor(r[0][seed][0], dtype=torch.float32) for r in results]
         grad = torch.cat([torch.tensor(r[0][seed][1]) for r in results], dim=-1).to(logits.dtype)
         label = f"world {world} case {case}"
