@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 from megacpm.config import ConfigError, config_to_dict, dump_yaml, load_config, preset_names, validate
-from megacpm.config.validate import check_trainable_layout, data_parallel_size
+from megacpm.config.validate import data_parallel_size
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -29,19 +29,25 @@ def _world_size() -> int:
 
 def cmd_train(config: str, overrides: List[str]) -> int:
     cfg = load_config(config, overrides)
-    world_size = _world_size()
-    validate(cfg, world_size=world_size)
-    check_trainable_layout(cfg, world_size)
+    validate(cfg, world_size=_world_size())  # before any process group or file exists
     # Imported after validation: a bad config must fail fast, without loading torch's heavy parts.
     from megacpm.checkpoint import CheckpointError
     from megacpm.data import DataError
     from megacpm.train.trainer import Trainer, TrainingDiverged
 
+    trainer = None
     try:
-        result = Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        result = trainer.run()
     except (CheckpointError, DataError, TrainingDiverged) as exc:
-        return _fail(str(exc), EXIT_FAILURE)
-    if result.status == "completed":
+        # Global failures reach every rank with the same message: rank 0 speaks for the run.
+        if trainer is None or trainer.is_rank0 or not isinstance(exc, TrainingDiverged):
+            _fail(str(exc), EXIT_FAILURE)
+        return EXIT_FAILURE
+    finally:
+        if trainer is not None:
+            trainer.ctx.destroy()
+    if result.status == "completed" and trainer.is_rank0:
         summary = f"done: {result.run_dir} at step {result.step}"
         if result.last_eval_loss is not None:
             summary += f", eval_loss {result.last_eval_loss:.4f}"

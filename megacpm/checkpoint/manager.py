@@ -1,19 +1,21 @@
 """Checkpoints of a run: ``RUN/checkpoints/step_N/`` plus a ``latest`` pointer.
 
 Layout of one checkpoint directory:
-  state/              torch.distributed.checkpoint (DCP) of the model and optimizer, keyed by
-                      parameter names (model space), so a later layout can reshard it
-  trainer_state.json  format version, step, consumed samples, tokens, the model's shape
-  rng.json            python, numpy and torch RNG states (exact resume)
+  state/              torch.distributed.checkpoint (DCP) of the weights and AdamW moments in model
+                      space (megacpm.checkpoint.model_space), so any later layout can reshard it
+  trainer_state.json  format version, step, optimizer steps, consumed samples, tokens, model shape
+  rng/rank_R.json     each rank's python, numpy and torch RNG states (exact resume)
   config.yaml         the run's config at save time
 
-The directory is written under a temporary name and renamed when complete; ``latest`` is
-rewritten atomically afterwards, so it always names a complete checkpoint.
+Saving is collective: every rank writes its shards into ``.tmp-step_N``; rank 0 then writes the
+metadata, fsyncs and renames the directory, and rewrites ``latest`` atomically afterwards, so
+``latest`` always names a complete checkpoint whatever moment a crash strikes.
 """
 from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import shutil
@@ -25,13 +27,16 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from megacpm.checkpoint.atomic import atomic_directory, remove_stale_tmp, write_text_atomic
+from megacpm.checkpoint.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
+from megacpm.checkpoint.model_space import state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
+from megacpm.parallel.context import ParallelContext
+from megacpm.train.parallel_step import ParallelStep
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model-space DCP of any layout, per-rank RNG files
 LATEST = "latest"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # Model fields that change a tensor's shape: a checkpoint cannot load into a model differing in them.
@@ -45,7 +50,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainerState:
-    step: int = 0  # optimizer steps completed
+    step: int = 0  # training steps completed
+    optimizer_steps: int = 0  # AdamW's step count (bias correction)
     consumed_samples: int = 0  # position in the global sample stream
     tokens: int = 0  # training tokens consumed
 
@@ -121,25 +127,66 @@ def _dcp_quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def save_checkpoint(run_dir: str | Path, cfg: Config, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: TrainerState) -> Path:
-    """Write ``checkpoints/step_<state.step>`` atomically, point ``latest`` at it, rotate old ones."""
+def _on_rank0(ctx: ParallelContext, action):
+    """Run ``action`` on rank 0 only; every rank gets its result, or raises its CheckpointError."""
+    result, error = None, None
+    if ctx.rank == 0:
+        try:
+            result = action()
+        except (OSError, CheckpointError) as exc:
+            error = str(exc)
+    if ctx.world_size > 1:
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)
+        result, error = shared
+    if error is not None:
+        raise CheckpointError(error)
+    return result
+
+
+def _barrier(ctx: ParallelContext) -> None:
+    if ctx.world_size > 1:
+        dist.barrier()
+
+
+def save_checkpoint(run_dir: str | Path, cfg: Config, step: ParallelStep, state: TrainerState) -> Path:
+    """Write ``checkpoints/step_<state.step>`` atomically, point ``latest`` at it, rotate old ones.
+
+    Collective: every rank of the run calls it.
+    """
+    ctx = step.ctx
     root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(root)
     final = root / f"step_{state.step}"
-    if final.exists():  # saved already (e.g. the end of a run that was interrupted right after)
-        write_text_atomic(root / LATEST, final.name)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+
+    def prepare() -> bool:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(root)
+        if final.exists():  # saved already (e.g. the end of a run that was interrupted right after)
+            write_text_atomic(root / LATEST, final.name)
+            return False
+        (tmp / "rng").mkdir(parents=True)
+        return True
+
+    if not _on_rank0(ctx, prepare):
         return final
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with atomic_directory(final) as tmp:
-        _dcp_quiet(dcp.save, {"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
-        meta = {"format_version": FORMAT_VERSION, **asdict(state), "model": _model_shape(cfg.model)}
+    _dcp_quiet(dcp.save, state_to_save(step), checkpoint_id=str(tmp / "state"))
+    write_text_atomic(tmp / "rng" / f"rank_{ctx.rank}.json", json.dumps(_rng_state()))
+    _barrier(ctx)
+
+    def finalize() -> None:
+        meta = {"format_version": FORMAT_VERSION, **asdict(state), "model": _model_shape(cfg.model),
+                "layout": {"world_size": ctx.world_size, "tp": ctx.layout.tp, "pp": ctx.layout.pp,
+                           "vpp": ctx.layout.vpp, "zero1": cfg.parallel.zero1}}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "rng.json").write_text(json.dumps(_rng_state()))
         (tmp / "config.yaml").write_text(dump_yaml(cfg))
-    write_text_atomic(root / LATEST, final.name)
-    _rotate(root, cfg.checkpoint.keep)
+        fsync_tree(tmp)
+        os.rename(tmp, final)
+        fsync_dir(root)
+        write_text_atomic(root / LATEST, final.name)
+        _rotate(root, cfg.checkpoint.keep)
+
+    _on_rank0(ctx, finalize)
     return final
 
 
@@ -165,9 +212,9 @@ def read_trainer_state(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
-                    optimizer: Optional[torch.optim.Optimizer]) -> TrainerState:
-    """Load weights, optimizer state and RNG states from a checkpoint directory into the run."""
+def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_optimizer: bool = True) -> TrainerState:
+    """Load weights (and AdamW moments) into this rank's part of the model, under any layout, and
+    this rank's RNG states. Collective: every rank of the run calls it."""
     path = Path(path)
     meta = read_trainer_state(path)
     saved_shape, wanted = meta.get("model", {}), _model_shape(cfg.model)
@@ -176,26 +223,23 @@ def load_checkpoint(path: str | Path, cfg: Config, model: torch.nn.Module,
             raise CheckpointError(
                 f"{path}: model.{key} is {saved_shape.get(key)!r} in the checkpoint but {value!r} in the config"
             )
-    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-        get_state_dict(model, [])[0], None)
-    target = {"model": model_sd}
-    if optim_sd is not None:
-        target["optim"] = optim_sd
     state_dir = path / "state"
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{state_dir / '.metadata'}: missing (incomplete checkpoint)")
+    target, moments = state_to_load(step, with_optimizer)
     try:
         _dcp_quiet(dcp.load, target, checkpoint_id=str(state_dir))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(f"{state_dir}: cannot be read ({_first_cause(exc)})") from None
-    if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    else:
-        model.load_state_dict(target["model"])
-    rng_path = path / "rng.json"
+    if moments is not None:
+        step.load_optimizer_moments(moments, int(meta["optimizer_steps"]))
+    step.weights_loaded()
+    rank_file = path / "rng" / f"rank_{step.ctx.rank}.json"
+    # A rank that did not exist when the checkpoint was written (a larger layout) takes rank 0's.
+    rng_path = rank_file if rank_file.is_file() else path / "rng" / "rank_0.json"
     try:
         _set_rng_state(json.loads(rng_path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
         raise CheckpointError(f"{rng_path}: missing or corrupted") from None
-    return TrainerState(step=int(meta["step"]), consumed_samples=int(meta["consumed_samples"]),
-                        tokens=int(meta["tokens"]))
+    return TrainerState(step=int(meta["step"]), optimizer_steps=int(meta["optimizer_steps"]),
+                        consumed_samples=int(meta["consumed_samples"]), tokens=int(meta["tokens"]))

@@ -68,6 +68,9 @@ class ParallelConfig:
     vpp: int = 1
     sp: bool = False
     zero1: bool = False
+    # Seconds a collective may wait for a peer before the run fails with an error naming it (a
+    # dead or stuck rank must not hang the others forever). Megatron's default is the same order.
+    timeout_s: float = 600.0
 
 
 @dataclass

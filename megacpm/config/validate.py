@@ -58,7 +58,7 @@ def validate_model(cfg: Config) -> None:
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
     p, m = cfg.parallel, cfg.model
-    for key in ("tp", "pp", "vpp"):
+    for key in ("tp", "pp", "vpp", "timeout_s"):
         _positive(f"parallel.{key}", getattr(p, key))
     if m.num_attention_heads % p.tp:
         raise ConfigError(
@@ -90,21 +90,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                 f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({per_rank} = "
                 f"train.global_batch_size / (train.micro_batch_size * dp)) to be a multiple of parallel.pp {p.pp}"
             )
-
-
-def check_trainable_layout(cfg: Config, world_size: int) -> None:
-    """Layouts the trainer of this version runs: one process, no model parallelism.
-
-    ``megacpm info`` still plans any valid layout; training refuses rather than silently ignoring
-    tp/pp/sp/zero1 settings.
-    """
-    p = cfg.parallel
-    if world_size > 1 or p.tp > 1 or p.pp > 1 or p.vpp > 1 or p.sp or p.zero1:
-        raise ConfigError(
-            "parallel: this version trains in one process only (no tensor/pipeline/data "
-            "parallelism, sequence parallelism or ZeRO-1 yet); use parallel.tp=1, pp=1, vpp=1, "
-            "sp=false, zero1=false and a single process"
-        )
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

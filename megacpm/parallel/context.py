@@ -45,15 +45,19 @@ class ParallelContext:
 
     @classmethod
     def initialize(cls, tp: int = 1, pp: int = 1, vpp: int = 1, timeout_s: float = 600.0,
-                   backend: Optional[str] = None) -> "ParallelContext":
+                   backend: Optional[str] = None, device_type: Optional[str] = None) -> "ParallelContext":
         """Join the default process group (from torchrun's environment) and build every group.
 
-        A rank that dies makes the others' collectives fail after ``timeout_s`` instead of hanging.
+        ``device_type`` "cuda" puts this rank on GPU LOCAL_RANK (NCCL), "cpu" keeps it on the CPU
+        (gloo); None picks CUDA when available. A rank that dies makes the others' collectives fail
+        after ``timeout_s`` instead of hanging.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         layout = ParallelLayout(world_size, tp, pp, vpp)  # validates before any group exists
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if device_type is None:
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_type == "cuda":
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:

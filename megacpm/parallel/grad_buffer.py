@@ -37,9 +37,13 @@ class Bucket:
 
 class GradBuffer:
     def __init__(self, params: Sequence[nn.Parameter], group: Group, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 on_launch=None, shard_buckets: bool = False):
+                 on_launch=None, shard_buckets: bool = False, average: bool = True):
         self.group = group
         self.dp = group_size(group)
+        # average=True: each rank's loss is a mean over its own samples, so the replicas' gradients
+        # are averaged. average=False: the loss is already divided by the global token count (the
+        # trainer's token-weighted mean), so the replicas' gradients are summed.
+        self.average = average
         # ZeRO-1: each bucket is padded to a multiple of dp and reduce-scattered, rank r owning the
         # r-th equal slice of every bucket (the slices may split a parameter).
         self.shard_buckets = shard_buckets
@@ -108,7 +112,8 @@ class GradBuffer:
         if self.dp == 1:
             return
         view = self.buffer[bucket.start:bucket.end]
-        view.div_(self.dp)  # average: scale first so the fp32 sum cannot overflow
+        if self.average:
+            view.div_(self.dp)  # scaled before the sum, so the fp32 sum cannot overflow
         if self.shard_buckets and dist.get_backend(self.group) != "gloo":
             start, end = self.owned_range(bucket, dist.get_rank(self.group))
             bucket.handle = dist.reduce_scatter_tensor(self.buffer[start:end], view, group=self.group,

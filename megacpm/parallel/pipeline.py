@@ -138,3 +138,37 @@ def run_pipeline(chunks: Sequence[nn.Module], spec: PipelineSpec, micro_batches:
                 sends.add(work, None)
     sends.drain()
     return total_loss
+
+
+@torch.no_grad()
+def run_forward_only(chunks: Sequence[nn.Module], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
+                     loss_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Optional[torch.Tensor]:
+    """Evaluation: every micro-batch through every virtual stage, no backward.
+
+    Each rank visits (micro-batch, chunk) in lexicographic order and sends asynchronously, so every
+    receive waits only on work that comes earlier in that order on the previous rank: no deadlock,
+    and no schedule is needed. Returns the summed losses on the last stage's rank, None elsewhere.
+    """
+    prev_rank = spec.group_ranks[(spec.rank - 1) % spec.pp]
+    next_rank = spec.group_ranks[(spec.rank + 1) % spec.pp]
+    sends = _PendingSends()
+    total_loss: Optional[torch.Tensor] = None
+    for index, micro_batch in enumerate(micro_batches):
+        for chunk in range(spec.vpp):
+            stage = chunk * spec.pp + spec.rank
+            if stage == 0:
+                chunk_input = micro_batch
+            else:
+                chunk_input = torch.empty(spec.activation_shape, dtype=spec.dtype, device=spec.device)
+                dist.recv(chunk_input, src=prev_rank, group=spec.group, tag=_tag(0, index, stage - 1, spec.stages))
+            output = chunks[chunk](chunk_input)
+            if stage == spec.stages - 1:
+                loss = loss_fn(output, index)
+                total_loss = loss if total_loss is None else total_loss + loss
+            else:
+                output = output.contiguous()
+                sends.add(dist.isend(output, dst=next_rank, group=spec.group,
+                                     tag=_tag(0, index, stage, spec.stages)), output)
+        sends.poll()
+    sends.drain()
+    return total_loss

@@ -66,9 +66,7 @@ class ZeroAdamW:
                 shard_len += hi - lo
         device = grad_buffer.buffer.device
         self.master = torch.empty(shard_len, dtype=torch.float32, device=device)
-        for seg in self.segments:
-            self.master[seg.shard_start:seg.shard_start + seg.length] = \
-                seg.param.detach().reshape(-1)[seg.param_start:seg.param_end].float()
+        self.sync_master_from_params()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
 
@@ -118,3 +116,43 @@ class ZeroAdamW:
         for param in self.buffer.params:
             start = self.buffer.offsets[id(param)]
             param.data.copy_(flat[start:start + param.numel()].view_as(param))
+
+    # -- checkpoints: the sharded state seen in model space ------------------------------------------
+    def full_moments(self) -> Dict[int, Dict[str, torch.Tensor]]:
+        """Every parameter's exp_avg / exp_avg_sq in its own shape (DP slices summed into place).
+
+        Collective over DP. Costs two flat buffers the size of this rank's gradient buffer for the
+        duration of a save; the result is what torch.optim.AdamW would hold, so a checkpoint does not
+        depend on the DP size or on ZeRO being on.
+        """
+        flats = {}
+        for name, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            flat = torch.zeros_like(self.buffer.buffer)
+            for seg in self.segments:
+                flat[seg.buffer_start:seg.buffer_start + seg.length] = shard[seg.shard_start:seg.shard_start + seg.length]
+            if group_size(self.group) > 1:
+                dist.all_reduce(flat, group=self.group)  # slices are disjoint: the sum assembles them
+            flats[name] = flat
+        moments = {}
+        for param in self.buffer.params:
+            start = self.buffer.offsets[id(param)]
+            moments[id(param)] = {name: flat[start:start + param.numel()].view_as(param)
+                                  for name, flat in flats.items()}
+        return moments
+
+    @torch.no_grad()
+    def load_moments(self, moments: Dict[int, Dict[str, torch.Tensor]], step_count: int) -> None:
+        """Take this rank's slices of full per-parameter moments."""
+        self.step_count = step_count
+        for seg in self.segments:
+            sl = slice(seg.shard_start, seg.shard_start + seg.length)
+            state = moments[id(seg.param)]
+            self.exp_avg[sl] = state["exp_avg"].reshape(-1)[seg.param_start:seg.param_end]
+            self.exp_avg_sq[sl] = state["exp_avg_sq"].reshape(-1)[seg.param_start:seg.param_end]
+
+    @torch.no_grad()
+    def sync_master_from_params(self) -> None:
+        """Master weights := the parameters (after the parameters were loaded from a checkpoint)."""
+        for seg in self.segments:
+            self.master[seg.shard_start:seg.shard_start + seg.length] = \
+                seg.param.detach().reshape(-1)[seg.param_start:seg.param_end].float()

@@ -27,10 +27,11 @@ from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.grad_buffer import GradBuffer
 from megacpm.parallel.mappings import group_size
 from megacpm.parallel.model import build_stages
-from megacpm.parallel.pipeline import PipelineSpec, run_pipeline
+from megacpm.parallel.pipeline import PipelineSpec, run_forward_only, run_pipeline
 from megacpm.parallel.zero import ZeroAdamW
 
 IGNORE_INDEX = -100
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state kept per parameter
 
 
 def _all_reduce(value: torch.Tensor, group) -> torch.Tensor:
@@ -57,7 +58,8 @@ class ParallelStep:
                                    activation_checkpointing=t.activation_checkpointing, generator=generator)
         self.model = nn.ModuleList(self.stages).to(ctx.device)
         params = list(self.model.parameters())
-        self.grad_buffer = GradBuffer(params, ctx.group("dp"), shard_buckets=p.zero1)
+        # Each micro-batch's loss is divided by the global target count: DP gradients are summed.
+        self.grad_buffer = GradBuffer(params, ctx.group("dp"), shard_buckets=p.zero1, average=False)
         groups = param_groups(self.model, cfg.model, cfg.optim)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         if p.zero1:
@@ -91,12 +93,7 @@ class ParallelStep:
         # Pipeline: each parameter's gradient arrives once per micro-batch, interleaved across
         # chunks; the buckets are reduced after the schedule (finish()).
         self.grad_buffer.sync_enabled = False
-        tp = layout.tp if self.cfg.parallel.sp else 1
-        micro, seq = inputs[0].shape
-        spec = PipelineSpec(pp=layout.pp, rank=self.ctx.pp_rank, vpp=layout.vpp, group=self.ctx.group("pp"),
-                            group_ranks=self.ctx.group_ranks["pp"],
-                            activation_shape=(micro, seq // tp, self.cfg.model.hidden_size),
-                            dtype=torch.float32, device=self.ctx.device)
+        spec = self._pipeline_spec(inputs[0])
 
         def loss_fn(output: torch.Tensor, index: int) -> torch.Tensor:
             with self._autocast():
@@ -105,6 +102,25 @@ class ParallelStep:
         with self._autocast():
             total = run_pipeline(self.stages, spec, inputs, loss_fn)
         return total if total is not None else torch.zeros((), device=self.ctx.device)
+
+    def _pipeline_spec(self, micro_batch: torch.Tensor) -> PipelineSpec:
+        layout = self.ctx.layout
+        tp = layout.tp if self.cfg.parallel.sp else 1
+        micro, seq = micro_batch.shape
+        return PipelineSpec(pp=layout.pp, rank=self.ctx.pp_rank, vpp=layout.vpp, group=self.ctx.group("pp"),
+                            group_ranks=self.ctx.group_ranks["pp"],
+                            activation_shape=(micro, seq // tp, self.cfg.model.hidden_size),
+                            dtype=torch.float32, device=self.ctx.device)
+
+    def _split(self, inputs: torch.Tensor, labels: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """This DP rank's share of a batch, as micro-batches of inputs and of labels on the device."""
+        dp, micro = self.ctx.layout.dp, self.cfg.train.micro_batch_size
+
+        def mine(rows: torch.Tensor) -> List[torch.Tensor]:
+            local = rows.split(rows.shape[0] // dp)[self.ctx.dp_rank].to(self.ctx.device)
+            return [m.contiguous() for m in local.split(micro)]
+
+        return mine(inputs), mine(labels)
 
     # -- gradients -------------------------------------------------------------------------------
     def _complete_partial_grads(self) -> None:
@@ -147,12 +163,9 @@ class ParallelStep:
         The returned values are global (identical on every rank). The update is skipped when either
         is not finite, so the caller can stop without having changed the weights.
         """
-        t, layout = self.cfg.train, self.ctx.layout
+        layout = self.ctx.layout
         num_targets = int((samples[:, 1:] != IGNORE_INDEX).sum())
-        local = samples.split(samples.shape[0] // layout.dp)[self.ctx.dp_rank].to(self.ctx.device)
-        micro = local.split(t.micro_batch_size)
-        inputs = [m[:, :-1].contiguous() for m in micro]
-        labels = [m[:, 1:].contiguous() for m in micro]
+        inputs, labels = self._split(samples[:, :-1], samples[:, 1:])
         self.grad_buffer.reset()
         self.model.train()
         partial_loss = self._forward_backward(inputs, labels, max(num_targets, 1))
@@ -171,6 +184,77 @@ class ParallelStep:
                 set_lr(self.optimizer, lr)
                 self.optimizer.step()
         return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, samples: torch.Tensor) -> Tuple[float, int]:
+        """(summed token loss, target count) of a batch [batch, seq_len + 1], global on every rank.
+
+        The batch is split over DP like a training batch; under PP the micro-batches flow through a
+        forward-only pipeline. A batch that does not fill dp * micro_batch_size rows evenly is padded
+        with rows whose targets are all ignored, so the result does not depend on the layout.
+        """
+        rows = samples.shape[0]
+        per_round = self.ctx.layout.dp * self.cfg.train.micro_batch_size
+        padded = -(-rows // per_round) * per_round
+        samples = torch.cat([samples, samples[:1].expand(padded - rows, -1)])
+        targets = samples[:, 1:].clone()
+        targets[rows:] = IGNORE_INDEX
+        inputs, labels = self._split(samples[:, :-1], targets)
+        last = self.stages[-1]
+        self.model.eval()
+        with self._autocast():
+            if self.ctx.layout.pp == 1:
+                total = sum((last.loss(last(x), y, IGNORE_INDEX)[0].float() for x, y in zip(inputs, labels)),
+                            torch.zeros((), device=self.ctx.device))
+            else:
+                total = run_forward_only(self.stages, self._pipeline_spec(inputs[0]), inputs,
+                                         lambda out, i: last.loss(out, labels[i], IGNORE_INDEX)[0].float())
+        total = torch.zeros((), device=self.ctx.device) if total is None else total.float()
+        # Held on the last stage's TP ranks (identical there): sum over the world, divide by tp.
+        total = _all_reduce(total, dist.group.WORLD if self.ctx.world_size > 1 else None)
+        return float(total) / self.ctx.layout.tp, int((targets != IGNORE_INDEX).sum())
+
+    # -- optimizer state in model space (checkpoints) -----------------------------------------------
+    @property
+    def optimizer_steps(self) -> int:
+        if isinstance(self.optimizer, ZeroAdamW):
+            return self.optimizer.step_count
+        steps = [int(state["step"]) for state in self.optimizer.state.values() if "step" in state]
+        return max(steps, default=0)
+
+    def optimizer_moments(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{parameter name: {"exp_avg", "exp_avg_sq"}} shaped like this rank's parameter (collective
+        over DP under ZeRO-1). Zeros before the first step."""
+        if isinstance(self.optimizer, ZeroAdamW):
+            by_id = self.optimizer.full_moments()
+            return {name: by_id[id(q)] for name, q in self.named_parameters().items()}
+        moments = {}
+        for name, q in self.named_parameters().items():
+            state = self.optimizer.state.get(q, {})
+            moments[name] = {key: state[key] if key in state else torch.zeros_like(q, memory_format=torch.preserve_format)
+                             for key in MOMENTS}
+        return moments
+
+    @torch.no_grad()
+    def load_optimizer_moments(self, moments: Dict[str, Dict[str, torch.Tensor]], optimizer_steps: int) -> None:
+        named = self.named_parameters()
+        if isinstance(self.optimizer, ZeroAdamW):
+            self.optimizer.load_moments({id(named[name]): m for name, m in moments.items()}, optimizer_steps)
+            return
+        for name, q in named.items():
+            state = self.optimizer.state[q]
+            for key in MOMENTS:
+                if key in state:
+                    state[key].copy_(moments[name][key])
+                else:
+                    state[key] = moments[name][key].clone()
+            # torch.optim.AdamW keeps the step count per parameter, as a float tensor.
+            state["step"] = torch.tensor(float(optimizer_steps))
+
+    def weights_loaded(self) -> None:
+        """Call after writing the parameters in place (a checkpoint load): ZeRO's fp32 masters follow."""
+        if isinstance(self.optimizer, ZeroAdamW):
+            self.optimizer.sync_master_from_params()
 
     def named_parameters(self) -> Dict[str, nn.Parameter]:
         """Model-space names (chunks share one namespace: layer indices are global)."""

@@ -1,32 +1,38 @@
-"""The training loop of one process: micro-batches, gradient accumulation, clipping, the LR schedule,
-evaluation, checkpoints, and the reporting sinks of megacpm.train.callbacks.
+"""The training loop: the LR schedule, evaluation, checkpoints, stopping, and the reporting sinks of
+megacpm.train.callbacks, around megacpm.train.parallel_step.ParallelStep (one optimizer step under
+any tensor / sequence / pipeline / data-parallel layout; a single process is the layout of one).
 
 A run is a pure function of its config: the sample order depends on (seed, sample index), the LR on
 the step, and everything else a continuation needs is in the checkpoint, so a run stopped at any
-checkpoint and started again reproduces the uninterrupted run step for step.
+checkpoint and started again reproduces the uninterrupted run step for step, under any layout.
+
+Under torchrun every rank runs this loop on the same global batch (each takes its slice); losses and
+gradient norms are global, so every rank takes the same decisions. Only rank 0 writes the run
+directory's logs; checkpoints are written by all ranks together.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from megacpm.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from megacpm.checkpoint.atomic import write_text_atomic
 from megacpm.config import Config, dump_yaml
-from megacpm.data import build_datasets, get_batch
-from megacpm.model import MiniCPM
-from megacpm.optim import LRSchedule, build_optimizer, clip_grad_norm_, set_lr
+from megacpm.data import DataBundle, DataError, build_datasets, get_batch
+from megacpm.optim import LRSchedule
+from megacpm.parallel.context import ParallelContext
 from megacpm.train.callbacks import Console, GpuMonitor, MetricsFile, TensorBoard
 from megacpm.train.device import autocast_dtype, resolve_device
-
-IGNORE_INDEX = -100
+from megacpm.train.parallel_step import IGNORE_INDEX, ParallelStep
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,53 +75,58 @@ class StopRequest:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, print_fn: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, print_fn: Callable[[str], None] = print,
+                 ctx: Optional[ParallelContext] = None):
         self.cfg = cfg
         self.print = print_fn
         self.run_dir = Path(cfg.run.dir)
-        self.device = resolve_device(cfg)
+        p, t = cfg.parallel, cfg.train
+        if ctx is None:
+            ctx = ParallelContext.initialize(p.tp, p.pp, p.vpp, timeout_s=p.timeout_s,
+                                             device_type=resolve_device(cfg).type)
+        self.ctx = ctx
+        self.is_rank0 = ctx.rank == 0
+        self.device = ctx.device
         self.amp_dtype = autocast_dtype(cfg, self.device)
-        if cfg.train.num_threads > 0:
-            torch.set_num_threads(cfg.train.num_threads)
-
-        t = cfg.train
-        self.micro_batches = t.global_batch_size // t.micro_batch_size  # one data-parallel rank
-        self.data = build_datasets(cfg.data, vocab_size=cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed)
-
-        init_generator = torch.Generator().manual_seed(t.seed)
-        self.model = MiniCPM(cfg.model, activation_checkpointing=t.activation_checkpointing)
-        self.model.init_weights(init_generator)
-        self.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.model, cfg.optim)
+        if t.num_threads > 0:
+            torch.set_num_threads(t.num_threads)
+        self.data = self._build_data()
+        # Every rank builds the full model from the same seed, then keeps its shard: a parallel run
+        # starts from exactly the single-process weights.
+        self.step_fn = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(t.seed),
+                                    amp_dtype=self.amp_dtype)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, t.steps)
         self.state = TrainerState()
 
+    def _build_data(self) -> DataBundle:
+        """Datasets on every rank; local rank 0 first, so the others find the tokenizer and token
+        caches written instead of all training the tokenizer at once."""
+        t = self.cfg.train
+
+        def build() -> DataBundle:
+            return build_datasets(self.cfg.data, vocab_size=self.cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed)
+
+        if self.ctx.world_size == 1:
+            return build()
+        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        data, error = None, None
+        if first:
+            try:
+                data = build()
+            except DataError as exc:
+                error = exc
+        dist.barrier()
+        if error is not None:
+            raise error
+        return data if first else build()
+
     # -- one step -------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-    def _micro_batches(self, samples: torch.Tensor) -> List[torch.Tensor]:
-        return list(samples.split(self.cfg.train.micro_batch_size))
-
     def train_step(self, step: int) -> Dict[str, float]:
-        """Forward/backward over this step's micro-batches, clip, update. Returns loss and grad norm."""
+        """One optimizer step on the next global batch. Returns loss, grad norm and LR (global)."""
         t = self.cfg.train
         samples = get_batch(self.data.train, self.state.consumed_samples, t.global_batch_size)
-        samples = samples.to(self.device, non_blocking=True)
-        # Token-weighted mean over the whole global batch: every micro-batch's summed loss is
-        # divided by the global count of target tokens, so the gradient is that of one big batch.
-        num_targets = int((samples[:, 1:] != IGNORE_INDEX).sum())
-        self.model.train()
-        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for micro in self._micro_batches(samples):
-            with self._autocast():
-                micro_loss, _ = self.model.loss(micro[:, :-1], micro[:, 1:], ignore_index=IGNORE_INDEX)
-            (micro_loss / max(num_targets, 1)).backward()
-            loss_sum += micro_loss.detach()
-        loss = float(loss_sum) / max(num_targets, 1)
-        grad_norm = float(clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad))
+        lr = self.schedule(step)
+        loss, grad_norm = self.step_fn.step(samples, lr)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
@@ -123,60 +134,81 @@ class Trainer:
                 f"(loss {loss}, grad_norm {grad_norm}); stopped without saving this step; "
                 f"last checkpoint: {last if last is not None else 'none'}"
             )
-        lr = self.schedule(step)
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step
+        self.state.optimizer_steps += 1
         self.state.consumed_samples += t.global_batch_size
-        self.state.tokens += num_targets
+        self.state.tokens += int((samples[:, 1:] != IGNORE_INDEX).sum())
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss on the first eval_batches micro-batches of the validation split."""
+        """Mean token loss on the first eval_batches * micro_batch_size validation samples (the same
+        samples, and so the same value, under every layout)."""
         t = self.cfg.train
-        self.model.eval()
-        total, count = 0.0, 0
-        for i in range(t.eval_batches):
-            samples = get_batch(self.data.valid, i * t.micro_batch_size, t.micro_batch_size).to(self.device)
-            with self._autocast():
-                loss_sum, num = self.model.loss(samples[:, :-1], samples[:, 1:], ignore_index=IGNORE_INDEX)
-            total += float(loss_sum)
-            count += int(num)
+        samples = get_batch(self.data.valid, 0, t.eval_batches * t.micro_batch_size)
+        total, count = self.step_fn.evaluate(samples)
         return total / max(count, 1)
 
     # -- the run --------------------------------------------------------------------------------
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.cfg, self.model, self.optimizer)
-            self.print(f"resumed from {checkpoint} (step {self.state.step})")
+            self.state = load_checkpoint(checkpoint, self.cfg, self.step_fn)
+            self._message(f"resumed from {checkpoint} (step {self.state.step})")
 
     def _save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.cfg, self.model, self.optimizer, self.state)
+        return save_checkpoint(self.run_dir, self.cfg, self.step_fn, self.state)
 
-    def run(self) -> RunResult:
+    def _message(self, text: str) -> None:
+        if self.is_rank0:
+            self.print(text)
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop: all ranks must save and leave at the same step."""
+        if self.ctx.world_size == 1:
+            return stop.requested is not None
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _sinks(self) -> Tuple[List, Optional[Console]]:
+        if not self.is_rank0:
+            return [], None
         cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
-        self._resume()
-        if self.state.step >= t.steps:
-            self.print(f"{self.run_dir}: already at step {self.state.step} of {t.steps}; nothing to do "
-                       f"(raise train.steps to continue)")
-            return RunResult("already-complete", self.state.step, None, None, self.run_dir)
-
-        sinks = [MetricsFile(self.run_dir / "metrics.jsonl", resume_step=self.state.step)]
+        sinks: List = [MetricsFile(self.run_dir / "metrics.jsonl", resume_step=self.state.step)]
         if cfg.log.tensorboard:
             sinks.append(TensorBoard(self.run_dir / "tb"))
         console = Console(t.steps, self.state.step, cfg.log.progress)
         sinks.append(console)
-        gpu = GpuMonitor.create(self.device.index or 0) if cfg.log.nvml and self.device.type == "cuda" else None
+        return sinks, console
+
+    def _describe(self) -> str:
+        t, layout = self.cfg.train, self.ctx.layout
+        where = f"{self.device}" if layout.world_size == 1 else (
+            f"{layout.world_size} ranks (tp {layout.tp} x pp {layout.pp} x dp {layout.dp}"
+            f"{f', vpp {layout.vpp}' if layout.vpp > 1 else ''}"
+            f"{', sp' if self.cfg.parallel.sp else ''}{', zero1' if self.cfg.parallel.zero1 else ''}) "
+            f"on {self.device.type}")
+        return (f"training {self.run_dir} from step {self.state.step + 1} to {t.steps} on {where} "
+                f"({'bf16 autocast' if self.amp_dtype else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)")
+
+    def run(self) -> RunResult:
+        cfg, t = self.cfg, self.cfg.train
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+        self._resume()
+        if self.state.step >= t.steps:
+            self._message(f"{self.run_dir}: already at step {self.state.step} of {t.steps}; nothing to do "
+                          f"(raise train.steps to continue)")
+            return RunResult("already-complete", self.state.step, None, None, self.run_dir)
+
+        sinks, console = self._sinks()
+        gpu = None
+        if self.is_rank0 and cfg.log.nvml and self.device.type == "cuda":
+            gpu = GpuMonitor.create(self.device.index or 0)
         status, metrics, eval_loss = "completed", None, None
-        console.message(
-            f"training {self.run_dir} from step {self.state.step + 1} to {t.steps} on {self.device} "
-            f"({'bf16 autocast' if self.amp_dtype else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)"
-        )
+        if console is not None:
+            console.message(self._describe())
         try:
             with StopRequest().installed() as stop:
                 window_start, window_tokens = time.monotonic(), 0
@@ -184,7 +216,8 @@ class Trainer:
                     tokens_before = self.state.tokens
                     metrics = self.train_step(step)
                     window_tokens += self.state.tokens - tokens_before
-                    console.step_done()
+                    if console is not None:
+                        console.step_done()
                     last_step = step == t.steps
                     if step % t.log_interval == 0 or step == 1 or last_step:
                         elapsed = time.monotonic() - window_start
@@ -200,10 +233,13 @@ class Trainer:
                         for sink in sinks:
                             sink.write({"step": step, "eval_loss": eval_loss})
                     interval = cfg.checkpoint.interval
-                    if last_step or (interval and step % interval == 0) or stop.requested:
+                    stopping = self._stop_agreed(stop)
+                    if last_step or (interval and step % interval == 0) or stopping:
                         path = self._save()
-                        if stop.requested:
-                            console.message(f"{stop.requested}: saved {path}; stopping at step {step}")
+                        if stopping:
+                            if console is not None:
+                                console.message(f"{stop.requested or 'stop on another rank'}: saved {path}; "
+                                                f"stopping at step {step}")
                             status = "interrupted"
                             break
         finally:

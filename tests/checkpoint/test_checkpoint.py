@@ -4,60 +4,55 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 from megacpm.checkpoint import (CheckpointError, TrainerState, latest_checkpoint, list_checkpoints,
                                 load_checkpoint, save_checkpoint)
 from megacpm.checkpoint.atomic import atomic_directory, write_text_atomic
-from megacpm.config import Config
+from megacpm.parallel.context import ParallelContext
+from megacpm.train.parallel_step import ParallelStep
+from tests.tiny_run import LR, global_batches, make_config
 
 
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(6, 5)
-        self.norm = nn.Parameter(torch.ones(5))
-
-    def forward(self, x):
-        return self.proj(x) * self.norm
-
-
-def trained_toy(seed):
-    torch.manual_seed(seed)
-    model = Toy()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
-    for _ in range(3):
-        model(torch.randn(4, 6)).square().sum().backward()
-        opt.step()
-        opt.zero_grad()
-    return model, opt
+def trained(seed, steps=2):
+    """A tiny model after ``steps`` optimizer steps in one process (the trainer's own step)."""
+    cfg = make_config()
+    step = ParallelStep(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(seed))
+    for samples in global_batches(steps):
+        step.step(samples, LR)
+    return cfg, step
 
 
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
-    cfg = Config()
-    model, opt = trained_toy(0)
+    cfg, step = trained(0)
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    save_checkpoint(tmp_path, cfg, model, opt, TrainerState(step=3, consumed_samples=48, tokens=999))
+    save_checkpoint(tmp_path, cfg, step, TrainerState(step=2, optimizer_steps=2, consumed_samples=48, tokens=999))
     torch.rand(100)  # advance the RNG: load must restore it
 
-    other, other_opt = trained_toy(1)
-    state = load_checkpoint(latest_checkpoint(tmp_path), cfg, other, other_opt)
-    assert state == TrainerState(step=3, consumed_samples=48, tokens=999)
-    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
-        assert torch.equal(a, b)
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert torch.equal(opt.state_dict()["state"][0][key], other_opt.state_dict()["state"][0][key])
+    _, other = trained(1, steps=1)
+    state = load_checkpoint(latest_checkpoint(tmp_path), cfg, other)
+    assert state == TrainerState(step=2, optimizer_steps=2, consumed_samples=48, tokens=999)
+    assert other.optimizer_steps == 2
+    mine, theirs = step.named_parameters(), other.named_parameters()
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert torch.equal(mine[name], theirs[name]), name
+    moments, loaded = step.optimizer_moments(), other.optimizer_moments()
+    for name in mine:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(moments[name][key], loaded[name][key]), (name, key)
     assert torch.equal(torch.rand(3), expected_draw)
+    # Continuing after the load is continuing the original.
+    batch = global_batches(3)[2]
+    assert other.step(batch, LR) == step.step(batch, LR)
 
 
 def test_latest_rotation_and_keep(tmp_path):
-    cfg = Config()
+    cfg, step = trained(0, steps=0)
     cfg.checkpoint.keep = 2
-    model, opt = trained_toy(0)
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, cfg, model, opt, TrainerState(step=step))
+    for n in (1, 2, 3):
+        save_checkpoint(tmp_path, cfg, step, TrainerState(step=n))
     assert list_checkpoints(tmp_path) == [2, 3]
     assert latest_checkpoint(tmp_path).name == "step_3"
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
@@ -80,32 +75,30 @@ def test_atomic_text_replaces_whole(tmp_path):
 
 
 def test_shape_mismatch_names_the_field(tmp_path):
-    cfg = Config()
-    model, opt = trained_toy(0)
-    path = save_checkpoint(tmp_path, cfg, model, opt, TrainerState(step=1))
-    other = Config()
-    other.model.hidden_size = 512
+    cfg, step = trained(0, steps=0)
+    path = save_checkpoint(tmp_path, cfg, step, TrainerState(step=1))
+    other = make_config()
+    other.model.hidden_size = 64
     with pytest.raises(CheckpointError, match="model.hidden_size"):
-        load_checkpoint(path, other, model, opt)
+        load_checkpoint(path, other, step)
 
 
 def test_corrupted_files_are_named(tmp_path):
-    cfg = Config()
-    model, opt = trained_toy(0)
-    path = save_checkpoint(tmp_path, cfg, model, opt, TrainerState(step=1))
+    cfg, step = trained(0, steps=0)
+    path = save_checkpoint(tmp_path, cfg, step, TrainerState(step=1))
     meta = path / "trainer_state.json"
     good = meta.read_text()
     meta.write_text(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match="trainer_state.json"):
-        load_checkpoint(path, cfg, model, opt)
+        load_checkpoint(path, cfg, step)
     meta.write_text(json.dumps({**json.loads(good), "format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version"):
-        load_checkpoint(path, cfg, model, opt)
+        load_checkpoint(path, cfg, step)
     meta.write_text(good)
     shard = next((path / "state").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:10])
     with pytest.raises(CheckpointError, match="state"):
-        load_checkpoint(path, cfg, model, opt)
+        load_checkpoint(path, cfg, step)
 
 
 def test_dangling_latest_is_an_error(tmp_path):

@@ -1,0 +1,85 @@
+"""A run's weights and optimizer state as one DCP state dict in model space, whatever the layout.
+
+Every tensor is keyed by its single-process parameter name (``layers.7.mlp.up_proj.weight``) and has
+the single-process shape: a tensor-parallel shard is wrapped as a DTensor over the TP group with
+``Shard(tp_shard_dim)``, which tells torch.distributed.checkpoint its global shape and offset; a
+replicated tensor is a plain tensor (DCP writes one copy). A pipeline rank contributes only the
+layers it holds. ZeRO-1 moments are gathered into parameter shape first. So a checkpoint written
+under one (tp, pp, vpp, dp, zero1) loads under any other: DCP reads each rank's slice of each key.
+
+Layout of the dict: {"model": {name: tensor}, "optim": {"exp_avg": {...}, "exp_avg_sq": {...}}}.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from megacpm.parallel.context import ParallelContext
+from megacpm.train.parallel_step import MOMENTS, ParallelStep
+
+TIED_EMBEDDING = "embed_tokens.weight"
+StateDict = Dict[str, Dict]
+
+
+def _tp_mesh(ctx: ParallelContext):
+    if ctx.layout.tp == 1:
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(ctx.group("tp"), ctx.device.type)
+
+
+def checkpoint_key(name: str, param: nn.Parameter) -> str:
+    """The model-space name of a parameter (the last stage's copy of a tied embedding is the embedding)."""
+    return TIED_EMBEDDING if getattr(param, "embedding_copy", False) else name
+
+
+def _global_view(local: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor:
+    dim = getattr(param, "tp_shard_dim", None)
+    if mesh is None or dim is None:
+        return local
+    from torch.distributed.tensor import DTensor, Shard
+
+    # No communication: every shard has the same shape, so the global shape is local * tp.
+    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
+
+
+def state_to_save(step: ParallelStep, with_optimizer: bool = True) -> StateDict:
+    """The state dict to hand to dcp.save (collective over DP under ZeRO-1)."""
+    mesh = _tp_mesh(step.ctx)
+    named = step.named_parameters()
+    moments = step.optimizer_moments() if with_optimizer else {}
+    state: StateDict = {"model": {}}
+    if with_optimizer:
+        state["optim"] = {key: {} for key in MOMENTS}
+    for name, param in named.items():
+        if getattr(param, "embedding_copy", False):
+            continue  # the first stage's copy is saved; both are identical
+        state["model"][name] = _global_view(param.detach(), param, mesh)
+        for key in MOMENTS if with_optimizer else ():
+            state["optim"][key][name] = _global_view(moments[name][key], param, mesh)
+    return state
+
+
+def state_to_load(step: ParallelStep, with_optimizer: bool = True
+                  ) -> Tuple[StateDict, Optional[Dict[str, Dict[str, torch.Tensor]]]]:
+    """(state dict for dcp.load, the local moment tensors it fills).
+
+    The model entries alias the parameters, so dcp.load writes the weights in place; the moments
+    are fresh tensors to hand to ``step.load_optimizer_moments`` afterwards.
+    """
+    mesh = _tp_mesh(step.ctx)
+    state: StateDict = {"model": {}}
+    moments: Optional[Dict[str, Dict[str, torch.Tensor]]] = {} if with_optimizer else None
+    if with_optimizer:
+        state["optim"] = {key: {} for key in MOMENTS}
+    for name, param in step.named_parameters().items():
+        key = checkpoint_key(name, param)
+        state["model"][key] = _global_view(param.detach(), param, mesh)
+        if moments is not None:
+            moments[name] = {m: torch.zeros_like(param, dtype=torch.float32) for m in MOMENTS}
+            for m in MOMENTS:
+                state["optim"][m][key] = _global_view(moments[name][m], param, mesh)
+    return state, moments

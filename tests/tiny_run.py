@@ -1,0 +1,48 @@
+"""A tiny MiniCPM and its fixed global batches, shared by the parallel and checkpoint tests, with the
+independent reference: the plain single-process MiniCPM, AdamW with muP groups and global-norm
+clipping (none of megacpm's parallel code)."""
+import torch
+
+from megacpm.config import Config
+from megacpm.model import MiniCPM
+from megacpm.optim import build_optimizer, clip_grad_norm_, set_lr
+
+GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, LR = 8, 2, 8, 64, 0.1
+
+
+def make_config(**parallel) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.intermediate_size, m.num_hidden_layers = 32, 48, 4
+    m.num_attention_heads, m.num_key_value_heads, m.vocab_size, m.dim_model_base = 4, 2, VOCAB, 8
+    cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seq_len = GLOBAL_BATCH, MICRO_BATCH, SEQ
+    cfg.optim.clip_grad = 0.5  # low enough to clip: the norm must be global for the losses to agree
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def global_batches(steps: int):
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(steps)]
+
+
+def reference_run(steps: int, lr: float = LR):
+    """(losses, grad norms) of ``steps`` steps in one process."""
+    cfg = make_config()
+    model = MiniCPM(cfg.model)
+    model.init_weights(torch.Generator().manual_seed(0))
+    optimizer = build_optimizer(model, cfg.model, cfg.optim)
+    losses, norms = [], []
+    for samples in global_batches(steps):
+        total = 0.0
+        for micro in samples.split(MICRO_BATCH):
+            loss_sum, _ = model.loss(micro[:, :-1], micro[:, 1:])
+            (loss_sum / samples[:, 1:].numel()).backward()
+            total += float(loss_sum.detach())
+        norms.append(float(clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)))
+        set_lr(optimizer, lr)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(total / samples[:, 1:].numel())
+    return losses, norms
