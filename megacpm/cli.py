@@ -35,6 +35,8 @@ def cmd_train(config: str, overrides: List[str]) -> int:
     from megacpm.data import DataError
     from megacpm.train.trainer import Trainer, TrainingDiverged
 
+    from megacpm.parallel.context import is_peer_failure
+
     trainer = None
     try:
         trainer = Trainer(cfg)
@@ -44,6 +46,13 @@ def cmd_train(config: str, overrides: List[str]) -> int:
         if trainer is None or trainer.is_rank0 or not isinstance(exc, TrainingDiverged):
             _fail(str(exc), EXIT_FAILURE)
         return EXIT_FAILURE
+    except Exception as exc:
+        if _world_size() == 1 or not is_peer_failure(exc):
+            raise  # a bug: keep the traceback
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _fail(f"rank {os.environ.get('RANK', '?')}: lost contact with another rank (it died, or "
+                     f"stalled past parallel.timeout_s={cfg.parallel.timeout_s:g}s); the run stops here and "
+                     f"resumes from its last checkpoint when started again. Cause: {first_line}", EXIT_FAILURE)
     finally:
         if trainer is not None:
             trainer.ctx.destroy()

@@ -109,3 +109,16 @@ class ParallelContext:
 
     def group(self, kind: str) -> Optional[dist.ProcessGroup]:
         return self.groups.get(kind)
+
+
+# Messages of the backends' errors when a peer is gone or silent (gloo raises plain RuntimeErrors).
+_PEER_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out",
+                         "Timeout", "NCCL", "gloo/transport")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether an exception from a collective means another rank died or stalled (not a bug here)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS)
+

@@ -60,8 +60,9 @@ class TensorBoard:
         step = record["step"]
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key}",
-                                        value, step)
+                # Keys naming their own section (comm_bytes/tp.all_reduce) keep it.
+                tag = key if "/" in key else (f"eval/{key}" if key.startswith("eval") else f"train/{key}")
+                self._writer.add_scalar(tag, value, step)
 
     def close(self) -> None:
         self._writer.close()

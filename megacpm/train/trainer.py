@@ -29,6 +29,7 @@ from megacpm.checkpoint.atomic import write_text_atomic
 from megacpm.config import Config, dump_yaml
 from megacpm.data import DataBundle, DataError, build_datasets, get_batch
 from megacpm.optim import LRSchedule
+from megacpm.parallel.comm_stats import CommAccounting
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.callbacks import Console, GpuMonitor, MetricsFile, TensorBoard
 from megacpm.train.device import autocast_dtype, resolve_device
@@ -214,15 +215,20 @@ class Trainer:
                 window_start, window_tokens = time.monotonic(), 0
                 for step in range(self.state.step + 1, t.steps + 1):
                     tokens_before = self.state.tokens
-                    metrics = self.train_step(step)
+                    last_step = step == t.steps
+                    logged = step % t.log_interval == 0 or step == 1 or last_step
+                    # Counted on logged steps only (a layout moves the same bytes every step).
+                    comm = CommAccounting(self.ctx) if logged and self.ctx.world_size > 1 else None
+                    with comm if comm is not None else contextlib.nullcontext():
+                        metrics = self.train_step(step)
                     window_tokens += self.state.tokens - tokens_before
                     if console is not None:
                         console.step_done()
-                    last_step = step == t.steps
-                    if step % t.log_interval == 0 or step == 1 or last_step:
+                    if logged:
                         elapsed = time.monotonic() - window_start
                         record = {"step": step, **metrics, "tokens": self.state.tokens,
-                                  "tokens_per_sec": window_tokens / max(elapsed, 1e-9)}
+                                  "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
+                                  **(comm.metrics() if comm is not None else {})}
                         if gpu is not None:
                             record.update(gpu.sample())
                         for sink in sinks:
