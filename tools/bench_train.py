@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Training-step throughput of a config: tokens/s, forward/backward/optimizer time split, peak memory,
-model FLOPs per token, achieved FLOP/s and MFU (where the device's peak is known).
+"""Training-step throughput of a config: tokens/s, the split between forward+backward (with the
+gradient reductions) and the optimizer update, peak memory, model FLOPs per token, achieved FLOP/s
+and MFU (where the device's peak is known). One process: the trainer's own step (ParallelStep).
 
   python tools/bench_train.py tiny --steps 10
   python tools/bench_train.py tiny --model.hidden_size=512 --model.num_hidden_layers=8 --json
@@ -23,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megacpm.config import ConfigError, load_config, validate  # noqa: E402
-from megacpm.model import MiniCPM, count_parameters  # noqa: E402
-from megacpm.optim import build_optimizer, clip_grad_norm_, set_lr  # noqa: E402
+from megacpm.model import count_parameters  # noqa: E402
+from megacpm.parallel.context import ParallelContext  # noqa: E402
+from megacpm.train.device import param_dtype, resolve_device  # noqa: E402
 from megacpm.train.flops import flops_per_token  # noqa: E402
-from megacpm.train.device import autocast_dtype, resolve_device  # noqa: E402
+from megacpm.train.parallel_step import ParallelStep  # noqa: E402
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -49,51 +51,30 @@ def synchronize(device: torch.device) -> None:
 
 def measure(cfg, steps: int, warmup: int) -> dict:
     device = resolve_device(cfg)
-    amp_dtype = autocast_dtype(cfg, device)
+    dtype = param_dtype(cfg, device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     t = cfg.train
-    model = MiniCPM(cfg.model, activation_checkpointing=t.activation_checkpointing)
-    model.init_weights(torch.Generator().manual_seed(t.seed))
-    model.to(device)
-    optimizer = build_optimizer(model, cfg.model, cfg.optim)
-    set_lr(optimizer, cfg.optim.lr)
+    step_fn = ParallelStep(cfg, ParallelContext.single(device), generator=torch.Generator().manual_seed(t.seed),
+                           param_dtype=dtype)
     gen = torch.Generator().manual_seed(0)
-    micro_batches = t.global_batch_size // t.micro_batch_size
     tokens_per_step = t.global_batch_size * t.seq_len
 
-    def autocast():
-        if amp_dtype is None:
-            return torch.autocast("cpu", enabled=False)
-        return torch.autocast(device.type, dtype=amp_dtype)
-
-    timings = {"forward": [], "backward": [], "optimizer": [], "step": []}
+    timings = {"forward_backward": [], "optimizer": [], "step": []}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + steps):
         batch = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1), generator=gen)
-        batch = batch.to(device)
-        fwd = bwd = 0.0
         synchronize(device)
         start = time.perf_counter()
-        for micro in batch.split(t.micro_batch_size):
-            t0 = time.perf_counter()
-            with autocast():
-                loss_sum, count = model.loss(micro[:, :-1], micro[:, 1:])
-            loss = loss_sum / (count * micro_batches)
-            synchronize(device)
-            t1 = time.perf_counter()
-            loss.backward()
-            synchronize(device)
-            fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
-        t2 = time.perf_counter()
-        clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _, norm = step_fn.compute_gradients(batch)
+        synchronize(device)
+        middle = time.perf_counter()
+        step_fn.apply_gradients(norm, cfg.optim.lr)
         synchronize(device)
         end = time.perf_counter()
         if i >= warmup:
-            for key, value in (("forward", fwd), ("backward", bwd), ("optimizer", end - t2), ("step", end - start)):
+            for key, value in (("forward_backward", middle - start), ("optimizer", end - middle), ("step", end - start)):
                 timings[key].append(value)
 
     step_s = statistics.median(timings["step"])
@@ -108,14 +89,13 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     return {
         "config": cfg.run.name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-        "precision": "bf16-autocast" if amp_dtype else "fp32",
+        "precision": "bf16 params, fp32 master" if dtype == torch.bfloat16 else "fp32",
         "total_params": counts["total"],
         "non_embedding_params": counts["non_embedding"],
         "tokens_per_step": tokens_per_step,
         "step_s": step_s,
         "tokens_per_sec": tokens_per_step / step_s,
-        "forward_s": statistics.median(timings["forward"]),
-        "backward_s": statistics.median(timings["backward"]),
+        "forward_backward_s": statistics.median(timings["forward_backward"]),
         "optimizer_s": statistics.median(timings["optimizer"]),
         "flops_per_token": flops,
         "achieved_flops": achieved,
@@ -147,8 +127,8 @@ def main(argv=None) -> int:
     print(f"config {result['config']} on {result['device']} ({result['precision']}), "
           f"{result['total_params'] / 1e6:.1f}M params ({result['non_embedding_params'] / 1e6:.1f}M non-embedding)")
     print(f"  tokens/s        {result['tokens_per_sec']:,.0f}  ({result['tokens_per_step']} tokens in {step:.3f} s/step)")
-    for part in ("forward", "backward", "optimizer"):
-        print(f"  {part:<15} {result[part + '_s']:.3f} s ({100 * result[part + '_s'] / step:.0f}%)")
+    for part in ("forward_backward", "optimizer"):
+        print(f"  {part:<17} {result[part + '_s']:.3f} s ({100 * result[part + '_s'] / step:.0f}%)")
     print(f"  FLOPs/token     {result['flops_per_token'] / 1e6:.1f} MFLOP (6N + attention)")
     print(f"  achieved        {result['achieved_flops'] / 1e9:.1f} GFLOP/s"
           + (f", MFU {100 * result['mfu']:.1f}%" if result["mfu"] is not None else " (device peak unknown: no MFU)"))

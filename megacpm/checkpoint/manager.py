@@ -226,14 +226,12 @@ def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_opti
     state_dir = path / "state"
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{state_dir / '.metadata'}: missing (incomplete checkpoint)")
-    target, moments = state_to_load(step, with_optimizer)
+    target, local = state_to_load(step, with_optimizer)
     try:
         _dcp_quiet(dcp.load, target, checkpoint_id=str(state_dir))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(f"{state_dir}: cannot be read ({_first_cause(exc)})") from None
-    if moments is not None:
-        step.load_optimizer_moments(moments, int(meta["optimizer_steps"]))
-    step.weights_loaded()
+    step.load_optimizer_state(local, int(meta["optimizer_steps"]) if with_optimizer else 0)
     rank_file = path / "rng" / f"rank_{step.ctx.rank}.json"
     # A rank that did not exist when the checkpoint was written (a larger layout) takes rank 0's.
     rng_path = rank_file if rank_file.is_file() else path / "rng" / "rank_0.json"

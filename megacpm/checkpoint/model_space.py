@@ -11,15 +11,17 @@ Layout of the dict: {"model": {name: tensor}, "optim": {"exp_avg": {...}, "exp_a
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import MOMENTS, ParallelStep
+from megacpm.parallel.zero import STATE_KEYS
+from megacpm.train.parallel_step import ParallelStep
 
 TIED_EMBEDDING = "embed_tokens.weight"
+MOMENTS = ("exp_avg", "exp_avg_sq")
 StateDict = Dict[str, Dict]
 
 
@@ -46,40 +48,38 @@ def _global_view(local: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
 
 
-def state_to_save(step: ParallelStep, with_optimizer: bool = True) -> StateDict:
-    """The state dict to hand to dcp.save (collective over DP under ZeRO-1)."""
+def state_to_save(step: ParallelStep) -> StateDict:
+    """The state dict to hand to dcp.save (collective over DP under ZeRO-1).
+
+    The weights saved are the optimizer's fp32 masters (equal to the parameters in fp32 training,
+    the exact values behind bf16 parameters otherwise).
+    """
     mesh = _tp_mesh(step.ctx)
-    named = step.named_parameters()
-    moments = step.optimizer_moments() if with_optimizer else {}
-    state: StateDict = {"model": {}}
-    if with_optimizer:
-        state["optim"] = {key: {} for key in MOMENTS}
-    for name, param in named.items():
+    state = step.optimizer_state()
+    saved: StateDict = {"model": {}, "optim": {key: {} for key in MOMENTS}}
+    for name, param in step.named_parameters().items():
         if getattr(param, "embedding_copy", False):
             continue  # the first stage's copy is saved; both are identical
-        state["model"][name] = _global_view(param.detach(), param, mesh)
-        for key in MOMENTS if with_optimizer else ():
-            state["optim"][key][name] = _global_view(moments[name][key], param, mesh)
-    return state
+        saved["model"][name] = _global_view(state[name]["master"], param, mesh)
+        for key in MOMENTS:
+            saved["optim"][key][name] = _global_view(state[name][key], param, mesh)
+    return saved
 
 
 def state_to_load(step: ParallelStep, with_optimizer: bool = True
-                  ) -> Tuple[StateDict, Optional[Dict[str, Dict[str, torch.Tensor]]]]:
-    """(state dict for dcp.load, the local moment tensors it fills).
-
-    The model entries alias the parameters, so dcp.load writes the weights in place; the moments
-    are fresh tensors to hand to ``step.load_optimizer_moments`` afterwards.
-    """
+                  ) -> Tuple[StateDict, Dict[str, Dict[str, torch.Tensor]]]:
+    """(state dict for dcp.load, the local fp32 tensors it fills: {name: {"master", "exp_avg",
+    "exp_avg_sq"}}), to hand to ``step.load_optimizer_state`` afterwards. Without the optimizer the
+    moments stay zero (a fresh optimizer on loaded weights)."""
     mesh = _tp_mesh(step.ctx)
-    state: StateDict = {"model": {}}
-    moments: Optional[Dict[str, Dict[str, torch.Tensor]]] = {} if with_optimizer else None
+    target: StateDict = {"model": {}}
     if with_optimizer:
-        state["optim"] = {key: {} for key in MOMENTS}
+        target["optim"] = {key: {} for key in MOMENTS}
+    local: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, param in step.named_parameters().items():
         key = checkpoint_key(name, param)
-        state["model"][key] = _global_view(param.detach(), param, mesh)
-        if moments is not None:
-            moments[name] = {m: torch.zeros_like(param, dtype=torch.float32) for m in MOMENTS}
-            for m in MOMENTS:
-                state["optim"][m][key] = _global_view(moments[name][m], param, mesh)
-    return state, moments
+        local[name] = {m: torch.zeros_like(param, dtype=torch.float32) for m in STATE_KEYS}
+        target["model"][key] = _global_view(local[name]["master"], param, mesh)
+        for m in MOMENTS if with_optimizer else ():
+            target["optim"][m][key] = _global_view(local[name][m], param, mesh)
+    return target, local

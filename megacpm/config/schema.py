@@ -84,7 +84,9 @@ class TrainConfig:
     eval_interval: int = 50
     eval_batches: int = 8  # micro-batches of the validation split per evaluation
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" (bf16 parameters and activations, fp32
+    # master weights, Adam state and gradient reductions)
+    precision: str = "auto"
     activation_checkpointing: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
 

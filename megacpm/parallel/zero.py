@@ -1,13 +1,15 @@
-"""ZeRO-1: AdamW whose fp32 master weights and moments are sharded over the data-parallel group.
+"""AdamW on fp32 master weights, over a GradBuffer: ZeRO-1 when the buffer is sharded over DP.
 
-Rank r owns the r-th equal slice of every gradient bucket (GradBuffer with shard_buckets=True). A
-slice may start or end inside a parameter, so the owned range is kept as segments
-(parameter, element range) each carrying its muP group's lr_scale and weight decay. A step:
-gradients arrive reduce-scattered (each rank holds its slice averaged), each rank runs AdamW on its
-slice in fp32, then the updated slices are all-gathered into every replica's parameters.
+Rank r owns the r-th equal slice of every gradient bucket when the buffer is sharded
+(GradBuffer(shard_buckets=True), ``parallel.zero1``), or every element otherwise. A slice may start
+or end inside a parameter, so the owned range is kept as segments (parameter, element range), each
+carrying its muP group's lr_scale and weight decay. A step: gradients arrive reduced (each rank holds
+at least its slice, fp32), each rank runs AdamW on its slice in fp32, then the updated masters are
+written into the parameters (all-gathered over DP first when sharded), cast to the parameters' dtype.
 
-Memory per parameter with fp32 params: 4 (weights) + 4 (grads) + 12 / dp (master copy and two
-moments); with bf16 params it is Megatron's 6 + 12 / dp.
+So bf16 parameters train on fp32 masters (Megatron's --bf16): updates smaller than bf16's resolution
+still accumulate. Memory per parameter, ZeRO-1: 2 (bf16 weights) + 4 (fp32 grad buffer) + 12 / dp
+(master copy and two moments); with fp32 weights 4 + 4 + 12 / dp.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from torch import nn
 
 from megacpm.parallel.grad_buffer import GradBuffer
 from megacpm.parallel.mappings import group_size
+
+STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
 
 @dataclass
@@ -38,15 +42,15 @@ class Segment:
         return self.param_end - self.param_start
 
 
-class ZeroAdamW:
-    """AdamW over this rank's slice of a sharded GradBuffer; the same update as torch.optim.AdamW."""
+class DistributedAdamW:
+    """The same update as torch.optim.AdamW, on fp32 masters of the elements this rank owns."""
 
     def __init__(self, grad_buffer: GradBuffer, param_groups: List[Dict], betas=(0.9, 0.95), eps: float = 1e-8):
-        if not grad_buffer.shard_buckets:
-            raise ValueError("ZeroAdamW needs a GradBuffer built with shard_buckets=True")
         self.buffer = grad_buffer
         self.group = grad_buffer.group
         self.rank = dist.get_rank(self.group) if group_size(self.group) > 1 else 0
+        # Only a sharded buffer spreads the state: otherwise every replica owns everything.
+        self.sharded = grad_buffer.shard_buckets and group_size(self.group) > 1
         self.betas, self.eps = betas, eps
         self.step_count = 0
         settings = {id(p): (g.get("lr_scale", 1.0), g.get("weight_decay", 0.0))
@@ -54,7 +58,7 @@ class ZeroAdamW:
         self.segments: List[Segment] = []
         shard_len = 0
         for bucket in grad_buffer.buckets:
-            own_start, own_end = grad_buffer.owned_range(bucket, self.rank)
+            own_start, own_end = grad_buffer.owned_range(bucket, self.rank) if self.sharded else (bucket.start, bucket.end)
             for param in bucket.params:
                 p_start = grad_buffer.offsets[id(param)]
                 lo, hi = max(own_start, p_start), min(own_end, p_start + param.numel())
@@ -66,18 +70,24 @@ class ZeroAdamW:
                 shard_len += hi - lo
         device = grad_buffer.buffer.device
         self.master = torch.empty(shard_len, dtype=torch.float32, device=device)
-        self.sync_master_from_params()
+        for seg in self.segments:  # from the parameters as initialised (Megatron's order: cast, then copy)
+            self.master[seg.shard_start:seg.shard_start + seg.length] = \
+                seg.param.detach().reshape(-1)[seg.param_start:seg.param_end].float()
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
 
     def _grad(self, seg: Segment) -> torch.Tensor:
         return self.buffer.buffer[seg.buffer_start:seg.buffer_start + seg.length]
 
-    def grad_norm_squared(self) -> torch.Tensor:
-        """Sum of squares of this rank's gradient slice (all-reduce it over DP x model-parallel)."""
+    def grad_norm_squared(self, counted=lambda param: True) -> torch.Tensor:
+        """Sum of squares of this rank's gradient elements whose parameter is ``counted``.
+
+        All-reduce it over DP x model-parallel when sharded, over model-parallel otherwise.
+        """
         total = torch.zeros((), dtype=torch.float32, device=self.master.device)
         for seg in self.segments:
-            total += self._grad(seg).square().sum()
+            if counted(seg.param):
+                total += self._grad(seg).square().sum()
         return total
 
     def scale_grads(self, factor: float) -> None:
@@ -99,60 +109,57 @@ class ZeroAdamW:
             v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
             master.addcdiv_(m, denom, value=-seg_lr / bias1)
-        self._all_gather_params()
+        self._publish_params()
 
-    def _all_gather_params(self) -> None:
-        """Every rank's updated slices into every replica's parameters, bucket by bucket."""
-        dp = group_size(self.group)
-        flat = torch.zeros_like(self.buffer.buffer)
-        for seg in self.segments:
-            flat[seg.buffer_start:seg.buffer_start + seg.length] = \
-                self.master[seg.shard_start:seg.shard_start + seg.length]
-        if dp > 1:
-            for bucket in self.buffer.buckets:
-                shards = [flat[slice(*self.buffer.owned_range(bucket, r))] for r in range(dp)]
-                mine = shards[self.rank].clone()
-                dist.all_gather(shards, mine, group=self.group)
+    @torch.no_grad()
+    def _publish_params(self) -> None:
+        """The masters into the parameters (every rank's slices into every replica when sharded)."""
+        if not self.sharded:
+            for seg in self.segments:
+                seg.param.view(-1)[seg.param_start:seg.param_end] = \
+                    self.master[seg.shard_start:seg.shard_start + seg.length]
+            return
+        flat = self._flat(self.master)
+        for bucket in self.buffer.buckets:
+            shards = [flat[slice(*self.buffer.owned_range(bucket, r))] for r in range(self.buffer.dp)]
+            mine = shards[self.rank].clone()
+            dist.all_gather(shards, mine, group=self.group)
         for param in self.buffer.params:
             start = self.buffer.offsets[id(param)]
             param.data.copy_(flat[start:start + param.numel()].view_as(param))
 
-    # -- checkpoints: the sharded state seen in model space ------------------------------------------
-    def full_moments(self) -> Dict[int, Dict[str, torch.Tensor]]:
-        """Every parameter's exp_avg / exp_avg_sq in its own shape (DP slices summed into place).
+    def _flat(self, shard: torch.Tensor) -> torch.Tensor:
+        """A buffer-shaped fp32 tensor holding this rank's slices of ``shard`` (zeros elsewhere)."""
+        flat = torch.zeros_like(self.buffer.buffer)
+        for seg in self.segments:
+            flat[seg.buffer_start:seg.buffer_start + seg.length] = shard[seg.shard_start:seg.shard_start + seg.length]
+        return flat
 
-        Collective over DP. Costs two flat buffers the size of this rank's gradient buffer for the
-        duration of a save; the result is what torch.optim.AdamW would hold, so a checkpoint does not
-        depend on the DP size or on ZeRO being on.
+    # -- checkpoints: the state seen in model space ---------------------------------------------------
+    def full_state(self) -> Dict[int, Dict[str, torch.Tensor]]:
+        """{id(param): {"master", "exp_avg", "exp_avg_sq"}}, each fp32 in the parameter's own shape.
+
+        Collective over DP when sharded (the disjoint slices are summed into place), at the cost of
+        three buffer-sized tensors for the duration of a save. The result does not depend on the DP
+        size or on ZeRO, so a checkpoint reshards freely.
         """
         flats = {}
-        for name, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            flat = torch.zeros_like(self.buffer.buffer)
-            for seg in self.segments:
-                flat[seg.buffer_start:seg.buffer_start + seg.length] = shard[seg.shard_start:seg.shard_start + seg.length]
-            if group_size(self.group) > 1:
-                dist.all_reduce(flat, group=self.group)  # slices are disjoint: the sum assembles them
-            flats[name] = flat
-        moments = {}
-        for param in self.buffer.params:
-            start = self.buffer.offsets[id(param)]
-            moments[id(param)] = {name: flat[start:start + param.numel()].view_as(param)
-                                  for name, flat in flats.items()}
-        return moments
+        for key in STATE_KEYS:
+            flat = self._flat(getattr(self, key))
+            if self.sharded:
+                dist.all_reduce(flat, group=self.group)
+            flats[key] = flat
+        return {id(param): {key: flat[self.buffer.offsets[id(param)]:][:param.numel()].view_as(param)
+                            for key, flat in flats.items()}
+                for param in self.buffer.params}
 
     @torch.no_grad()
-    def load_moments(self, moments: Dict[int, Dict[str, torch.Tensor]], step_count: int) -> None:
-        """Take this rank's slices of full per-parameter moments."""
+    def load_state(self, state: Dict[int, Dict[str, torch.Tensor]], step_count: int) -> None:
+        """Take this rank's slices of full per-parameter state, and the parameters from the masters
+        (collective over DP when sharded)."""
         self.step_count = step_count
         for seg in self.segments:
             sl = slice(seg.shard_start, seg.shard_start + seg.length)
-            state = moments[id(seg.param)]
-            self.exp_avg[sl] = state["exp_avg"].reshape(-1)[seg.param_start:seg.param_end]
-            self.exp_avg_sq[sl] = state["exp_avg_sq"].reshape(-1)[seg.param_start:seg.param_end]
-
-    @torch.no_grad()
-    def sync_master_from_params(self) -> None:
-        """Master weights := the parameters (after the parameters were loaded from a checkpoint)."""
-        for seg in self.segments:
-            self.master[seg.shard_start:seg.shard_start + seg.length] = \
-                seg.param.detach().reshape(-1)[seg.param_start:seg.param_end].float()
+            for key in STATE_KEYS:
+                getattr(self, key)[sl] = state[id(seg.param)][key].reshape(-1)[seg.param_start:seg.param_end]
+        self._publish_params()

@@ -1,8 +1,6 @@
 """Where a run computes and in which precision."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from megacpm.config import Config
@@ -17,9 +15,10 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast over fp32 master weights on CUDA by default; fp32 on CPU unless asked."""
+def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The parameters' and activations' dtype: bf16 on CUDA by default (with fp32 master weights,
+    Adam state and gradient reductions in the optimizer: Megatron's --bf16), fp32 on CPU unless asked."""
     precision = cfg.train.precision
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
-    return None
+    return torch.float32

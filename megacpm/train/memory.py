@@ -1,7 +1,8 @@
 """Estimate of the memory one training step needs on one rank.
 
-Counted: fp32 master weights, fp32 gradients, AdamW's two fp32 moments (16 bytes per parameter),
-the activations kept for the backward of one micro-batch, and the chunked loss's logits. Not
+Counted: the weights (bf16 or fp32), the fp32 gradient buffer, the optimizer's fp32 master weights
+and two moments (12 bytes per parameter, divided by dp under ZeRO-1), the activations kept for the
+backward of the schedule's in-flight micro-batches, and the chunked loss's logits. Not
 counted: allocator fragmentation, the CUDA context, communication buffers. It is an estimate to
 choose a layout with, not a promise.
 """
@@ -12,7 +13,8 @@ from typing import Dict
 from megacpm.config import Config
 from megacpm.model.minicpm import DEFAULT_LOSS_CHUNK_TOKENS
 
-BYTES_PER_PARAM_STATE = {"weights": 4, "grads": 4, "optimizer": 8}
+GRAD_BYTES = 4  # the fp32 gradient buffer
+OPTIMIZER_BYTES = 12  # fp32 master weights + AdamW's two fp32 moments
 
 
 def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> float:
@@ -68,13 +70,11 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
     else:
         activations = chunks * layers_per_chunk * per_layer
     # The chunked loss holds one chunk's fp32 logits (this rank's vocabulary slice) and their gradient.
-    loss_chunk = 2 * min(tokens, DEFAULT_LOSS_CHUNK_TOKENS) * (m.vocab_size // p.tp) * 4
-    # AdamW's two fp32 moments; ZeRO-1 also keeps an fp32 master copy, all sharded over DP.
-    optimizer = params_per_rank * (12 / dp if p.zero1 else BYTES_PER_PARAM_STATE["optimizer"])
+    loss_chunk = 2 * min(tokens, DEFAULT_LOSS_CHUNK_TOKENS) * -(-m.vocab_size // p.tp) * 4
     estimate = {
-        "weights": params_per_rank * BYTES_PER_PARAM_STATE["weights"],
-        "grads": params_per_rank * BYTES_PER_PARAM_STATE["grads"],
-        "optimizer": int(optimizer),
+        "weights": params_per_rank * act_bytes,
+        "grads": params_per_rank * GRAD_BYTES,
+        "optimizer": int(params_per_rank * OPTIMIZER_BYTES / (dp if p.zero1 else 1)),
         "activations": int(activations),
         "loss_chunk": loss_chunk,
     }

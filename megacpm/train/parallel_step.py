@@ -13,7 +13,6 @@ Global correctness, whatever the layout:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -22,16 +21,15 @@ import torch.distributed as dist
 from torch import nn
 
 from megacpm.config import Config
-from megacpm.optim import param_groups, set_lr
+from megacpm.optim import param_groups
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.grad_buffer import GradBuffer
 from megacpm.parallel.mappings import group_size
 from megacpm.parallel.model import build_stages
 from megacpm.parallel.pipeline import PipelineSpec, run_forward_only, run_pipeline
-from megacpm.parallel.zero import ZeroAdamW
+from megacpm.parallel.zero import DistributedAdamW
 
 IGNORE_INDEX = -100
-MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW state kept per parameter
 
 
 def _all_reduce(value: torch.Tensor, group) -> torch.Tensor:
@@ -50,32 +48,29 @@ def counted_once(param: nn.Parameter, ctx: ParallelContext) -> bool:
 
 
 class ParallelStep:
+    """This rank's model chunks, gradient buffer and optimizer, and one training step over them.
+
+    ``param_dtype`` bfloat16 gives Megatron's --bf16: bf16 parameters and activations, fp32 master
+    weights and Adam state in the optimizer, fp32 gradient accumulation and reductions.
+    """
+
     def __init__(self, cfg: Config, ctx: ParallelContext, generator: Optional[torch.Generator] = None,
-                 amp_dtype: Optional[torch.dtype] = None):
-        self.cfg, self.ctx, self.amp_dtype = cfg, ctx, amp_dtype
+                 param_dtype: torch.dtype = torch.float32):
+        self.cfg, self.ctx, self.param_dtype = cfg, ctx, param_dtype
         p, t = cfg.parallel, cfg.train
         self.stages = build_stages(cfg.model, ctx, sequence_parallel=p.sp,
                                    activation_checkpointing=t.activation_checkpointing, generator=generator)
-        self.model = nn.ModuleList(self.stages).to(ctx.device)
+        self.model = nn.ModuleList(self.stages).to(device=ctx.device, dtype=param_dtype)
         params = list(self.model.parameters())
         # Each micro-batch's loss is divided by the global target count: DP gradients are summed.
         self.grad_buffer = GradBuffer(params, ctx.group("dp"), shard_buckets=p.zero1, average=False)
-        groups = param_groups(self.model, cfg.model, cfg.optim)
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        if p.zero1:
-            self.optimizer = ZeroAdamW(self.grad_buffer, groups, betas=betas, eps=cfg.optim.eps)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=betas, eps=cfg.optim.eps)
+        self.optimizer = DistributedAdamW(self.grad_buffer, param_groups(self.model, cfg.model, cfg.optim),
+                                          betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
         self.partial_tp = [q for q in params if getattr(q, "sequence_parallel", False)
                            or getattr(q, "tp_partial_grad", False)]
         self.shared_embedding = [q for q in params if getattr(q, "shared_embedding", False)]
 
     # -- forward / backward ------------------------------------------------------------------------
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=self.amp_dtype)
-
     def _forward_backward(self, inputs: List[torch.Tensor], labels: List[torch.Tensor], num_targets: int) -> torch.Tensor:
         """Sum over this rank's micro-batches of loss_sum / num_targets (non-zero on the last stage)."""
         last = self.stages[-1]
@@ -84,8 +79,7 @@ class ParallelStep:
             total = torch.zeros((), device=self.ctx.device)
             for i, (x, y) in enumerate(zip(inputs, labels)):
                 self.grad_buffer.sync_enabled = i == len(inputs) - 1  # reduce only after the last one
-                with self._autocast():
-                    loss_sum, _ = last.loss(last(x), y, IGNORE_INDEX)
+                loss_sum, _ = last.loss(last(x), y, IGNORE_INDEX)
                 loss = loss_sum / num_targets
                 loss.backward()
                 total += loss.detach()
@@ -96,11 +90,9 @@ class ParallelStep:
         spec = self._pipeline_spec(inputs[0])
 
         def loss_fn(output: torch.Tensor, index: int) -> torch.Tensor:
-            with self._autocast():
-                return last.loss(output, labels[index], IGNORE_INDEX)[0] / num_targets
+            return last.loss(output, labels[index], IGNORE_INDEX)[0] / num_targets
 
-        with self._autocast():
-            total = run_pipeline(self.stages, spec, inputs, loss_fn)
+        total = run_pipeline(self.stages, spec, inputs, loss_fn)
         return total if total is not None else torch.zeros((), device=self.ctx.device)
 
     def _pipeline_spec(self, micro_batch: torch.Tensor) -> PipelineSpec:
@@ -110,7 +102,7 @@ class ParallelStep:
         return PipelineSpec(pp=layout.pp, rank=self.ctx.pp_rank, vpp=layout.vpp, group=self.ctx.group("pp"),
                             group_ranks=self.ctx.group_ranks["pp"],
                             activation_shape=(micro, seq // tp, self.cfg.model.hidden_size),
-                            dtype=torch.float32, device=self.ctx.device)
+                            dtype=self.param_dtype, device=self.ctx.device)
 
     def _split(self, inputs: torch.Tensor, labels: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """This DP rank's share of a batch, as micro-batches of inputs and of labels on the device."""
@@ -124,37 +116,24 @@ class ParallelStep:
 
     # -- gradients -------------------------------------------------------------------------------
     def _complete_partial_grads(self) -> None:
+        # On the fp32 buffer views: a bf16 parameter's .grad is a copy.
         for param in self.partial_tp:
-            _all_reduce(param.grad, self.ctx.group("tp"))
+            _all_reduce(param.main_grad, self.ctx.group("tp"))
         for param in self.shared_embedding:
-            _all_reduce(param.grad, self.ctx.group("embedding"))
+            _all_reduce(param.main_grad, self.ctx.group("embedding"))
 
     def _grad_norm(self) -> torch.Tensor:
-        if self.cfg.parallel.zero1:
-            squares = torch.zeros((), device=self.ctx.device)
-            for seg in self.optimizer.segments:
-                if counted_once(seg.param, self.ctx):
-                    grad = self.grad_buffer.buffer[seg.buffer_start:seg.buffer_start + seg.length]
-                    squares += grad.square().sum()
-            group = None if self.ctx.world_size == 1 else dist.group.WORLD  # slices over DP x model
+        squares = self.optimizer.grad_norm_squared(lambda q: counted_once(q, self.ctx))
+        if self.optimizer.sharded:
+            group = dist.group.WORLD  # disjoint slices over DP x model-parallel
         else:
-            squares = sum((q.grad.float().square().sum() for q in self.model.parameters()
-                           if q.grad is not None and counted_once(q, self.ctx)),
-                          torch.zeros((), device=self.ctx.device))
             group = self.ctx.group("model_parallel")  # DP replicas hold identical gradients
-        return _all_reduce(squares, group).sqrt()
+        return _all_reduce(squares, group if self.ctx.world_size > 1 else None).sqrt()
 
     def _clip(self, norm: torch.Tensor) -> None:
         max_norm = self.cfg.optim.clip_grad
-        if max_norm <= 0 or not torch.isfinite(norm) or norm <= max_norm:
-            return
-        factor = float(max_norm / norm)
-        if self.cfg.parallel.zero1:
-            self.optimizer.scale_grads(factor)
-        else:
-            for q in self.model.parameters():
-                if q.grad is not None:
-                    q.grad.mul_(factor)
+        if max_norm > 0 and torch.isfinite(norm) and norm > max_norm:
+            self.optimizer.scale_grads(float(max_norm / norm))
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, samples: torch.Tensor, lr: float) -> Tuple[float, float]:
@@ -163,7 +142,14 @@ class ParallelStep:
         The returned values are global (identical on every rank). The update is skipped when either
         is not finite, so the caller can stop without having changed the weights.
         """
-        layout = self.ctx.layout
+        loss, norm = self.compute_gradients(samples)
+        if math.isfinite(loss) and math.isfinite(float(norm)):
+            self.apply_gradients(norm, lr)
+        return loss, float(norm)
+
+    def compute_gradients(self, samples: torch.Tensor) -> Tuple[float, torch.Tensor]:
+        """Forward and backward of every micro-batch, gradients reduced and completed: (global loss,
+        global gradient norm as a tensor)."""
         num_targets = int((samples[:, 1:] != IGNORE_INDEX).sum())
         inputs, labels = self._split(samples[:, :-1], samples[:, 1:])
         self.grad_buffer.reset()
@@ -174,16 +160,12 @@ class ParallelStep:
         norm = self._grad_norm()
         # The loss lives on the last stage's TP ranks (identical there), a DP share on each replica.
         loss = _all_reduce(partial_loss.detach().float().clone(), dist.group.WORLD if self.ctx.world_size > 1 else None)
-        loss = float(loss) / layout.tp
-        grad_norm = float(norm)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            self._clip(norm)
-            if self.cfg.parallel.zero1:
-                self.optimizer.step(lr)
-            else:
-                set_lr(self.optimizer, lr)
-                self.optimizer.step()
-        return loss, grad_norm
+        return float(loss) / self.ctx.layout.tp, norm
+
+    def apply_gradients(self, norm: torch.Tensor, lr: float) -> None:
+        """Clip to optim.clip_grad by the global norm, then the AdamW update at ``lr``."""
+        self._clip(norm)
+        self.optimizer.step(lr)
 
     @torch.no_grad()
     def evaluate(self, samples: torch.Tensor) -> Tuple[float, int]:
@@ -202,13 +184,12 @@ class ParallelStep:
         inputs, labels = self._split(samples[:, :-1], targets)
         last = self.stages[-1]
         self.model.eval()
-        with self._autocast():
-            if self.ctx.layout.pp == 1:
-                total = sum((last.loss(last(x), y, IGNORE_INDEX)[0].float() for x, y in zip(inputs, labels)),
-                            torch.zeros((), device=self.ctx.device))
-            else:
-                total = run_forward_only(self.stages, self._pipeline_spec(inputs[0]), inputs,
-                                         lambda out, i: last.loss(out, labels[i], IGNORE_INDEX)[0].float())
+        if self.ctx.layout.pp == 1:
+            total = sum((last.loss(last(x), y, IGNORE_INDEX)[0].float() for x, y in zip(inputs, labels)),
+                        torch.zeros((), device=self.ctx.device))
+        else:
+            total = run_forward_only(self.stages, self._pipeline_spec(inputs[0]), inputs,
+                                     lambda out, i: last.loss(out, labels[i], IGNORE_INDEX)[0].float())
         total = torch.zeros((), device=self.ctx.device) if total is None else total.float()
         # Held on the last stage's TP ranks (identical there): sum over the world, divide by tp.
         total = _all_reduce(total, dist.group.WORLD if self.ctx.world_size > 1 else None)
@@ -217,44 +198,18 @@ class ParallelStep:
     # -- optimizer state in model space (checkpoints) -----------------------------------------------
     @property
     def optimizer_steps(self) -> int:
-        if isinstance(self.optimizer, ZeroAdamW):
-            return self.optimizer.step_count
-        steps = [int(state["step"]) for state in self.optimizer.state.values() if "step" in state]
-        return max(steps, default=0)
+        return self.optimizer.step_count
 
-    def optimizer_moments(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{parameter name: {"exp_avg", "exp_avg_sq"}} shaped like this rank's parameter (collective
-        over DP under ZeRO-1). Zeros before the first step."""
-        if isinstance(self.optimizer, ZeroAdamW):
-            by_id = self.optimizer.full_moments()
-            return {name: by_id[id(q)] for name, q in self.named_parameters().items()}
-        moments = {}
-        for name, q in self.named_parameters().items():
-            state = self.optimizer.state.get(q, {})
-            moments[name] = {key: state[key] if key in state else torch.zeros_like(q, memory_format=torch.preserve_format)
-                             for key in MOMENTS}
-        return moments
+    def optimizer_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{parameter name: {"master", "exp_avg", "exp_avg_sq"}}, fp32, shaped like this rank's
+        parameter (collective over DP under ZeRO-1)."""
+        by_id = self.optimizer.full_state()
+        return {name: by_id[id(q)] for name, q in self.named_parameters().items()}
 
-    @torch.no_grad()
-    def load_optimizer_moments(self, moments: Dict[str, Dict[str, torch.Tensor]], optimizer_steps: int) -> None:
+    def load_optimizer_state(self, state: Dict[str, Dict[str, torch.Tensor]], optimizer_steps: int) -> None:
+        """The inverse of optimizer_state; the parameters become the loaded masters."""
         named = self.named_parameters()
-        if isinstance(self.optimizer, ZeroAdamW):
-            self.optimizer.load_moments({id(named[name]): m for name, m in moments.items()}, optimizer_steps)
-            return
-        for name, q in named.items():
-            state = self.optimizer.state[q]
-            for key in MOMENTS:
-                if key in state:
-                    state[key].copy_(moments[name][key])
-                else:
-                    state[key] = moments[name][key].clone()
-            # torch.optim.AdamW keeps the step count per parameter, as a float tensor.
-            state["step"] = torch.tensor(float(optimizer_steps))
-
-    def weights_loaded(self) -> None:
-        """Call after writing the parameters in place (a checkpoint load): ZeRO's fp32 masters follow."""
-        if isinstance(self.optimizer, ZeroAdamW):
-            self.optimizer.sync_master_from_params()
+        self.optimizer.load_state({id(named[name]): tensors for name, tensors in state.items()}, optimizer_steps)
 
     def named_parameters(self) -> Dict[str, nn.Parameter]:
         """Model-space names (chunks share one namespace: layer indices are global)."""

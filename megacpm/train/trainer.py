@@ -32,7 +32,7 @@ from megacpm.optim import LRSchedule
 from megacpm.parallel.comm_stats import CommAccounting
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.callbacks import Console, GpuMonitor, MetricsFile, TensorBoard
-from megacpm.train.device import autocast_dtype, resolve_device
+from megacpm.train.device import param_dtype, resolve_device
 from megacpm.train.parallel_step import IGNORE_INDEX, ParallelStep
 
 
@@ -88,14 +88,14 @@ class Trainer:
         self.ctx = ctx
         self.is_rank0 = ctx.rank == 0
         self.device = ctx.device
-        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.param_dtype = param_dtype(cfg, self.device)
         if t.num_threads > 0:
             torch.set_num_threads(t.num_threads)
         self.data = self._build_data()
         # Every rank builds the full model from the same seed, then keeps its shard: a parallel run
         # starts from exactly the single-process weights.
         self.step_fn = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(t.seed),
-                                    amp_dtype=self.amp_dtype)
+                                    param_dtype=self.param_dtype)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, t.steps)
         self.state = TrainerState()
 
@@ -190,7 +190,7 @@ class Trainer:
             f"{', sp' if self.cfg.parallel.sp else ''}{', zero1' if self.cfg.parallel.zero1 else ''}) "
             f"on {self.device.type}")
         return (f"training {self.run_dir} from step {self.state.step + 1} to {t.steps} on {where} "
-                f"({'bf16 autocast' if self.amp_dtype else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)")
+                f"({'bf16 with fp32 master weights' if self.param_dtype == torch.bfloat16 else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)")
 
     def run(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train

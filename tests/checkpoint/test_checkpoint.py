@@ -13,10 +13,10 @@ from megacpm.train.parallel_step import ParallelStep
 from tests.tiny_run import LR, global_batches, make_config
 
 
-def trained(seed, steps=2):
+def trained(seed, steps=2, dtype=torch.float32):
     """A tiny model after ``steps`` optimizer steps in one process (the trainer's own step)."""
     cfg = make_config()
-    step = ParallelStep(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(seed))
+    step = ParallelStep(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(seed), param_dtype=dtype)
     for samples in global_batches(steps):
         step.step(samples, LR)
     return cfg, step
@@ -38,13 +38,28 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
-    moments, loaded = step.optimizer_moments(), other.optimizer_moments()
+    moments, loaded = step.optimizer_state(), other.optimizer_state()
     for name in mine:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(moments[name][key], loaded[name][key]), (name, key)
     assert torch.equal(torch.rand(3), expected_draw)
     # Continuing after the load is continuing the original.
     batch = global_batches(3)[2]
+    assert other.step(batch, LR) == step.step(batch, LR)
+
+
+def test_bf16_run_saves_its_fp32_masters_and_resumes_exactly(tmp_path):
+    cfg, step = trained(0, steps=3, dtype=torch.bfloat16)
+    save_checkpoint(tmp_path, cfg, step, TrainerState(step=3, optimizer_steps=3))
+    _, other = trained(1, steps=0, dtype=torch.bfloat16)
+    load_checkpoint(latest_checkpoint(tmp_path), cfg, other)
+    saved, loaded = step.optimizer_state(), other.optimizer_state()
+    for name, param in step.named_parameters().items():
+        assert param.dtype == torch.bfloat16
+        for key in ("master", "exp_avg", "exp_avg_sq"):
+            assert saved[name][key].dtype == torch.float32 and torch.equal(saved[name][key], loaded[name][key])
+        assert torch.equal(param, other.named_parameters()[name])
+    batch = global_batches(4)[3]
     assert other.step(batch, LR) == step.step(batch, LR)
 
 
