@@ -10,11 +10,11 @@ from megacpm.optim import build_optimizer, clip_grad_norm_, set_lr
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, LR = 8, 2, 8, 64, 0.1
 
 
-def make_config(**parallel) -> Config:
+def make_config(vocab_size: int = VOCAB, **parallel) -> Config:
     cfg = Config()
     m = cfg.model
     m.hidden_size, m.intermediate_size, m.num_hidden_layers = 32, 48, 4
-    m.num_attention_heads, m.num_key_value_heads, m.vocab_size, m.dim_model_base = 4, 2, VOCAB, 8
+    m.num_attention_heads, m.num_key_value_heads, m.vocab_size, m.dim_model_base = 4, 2, vocab_size, 8
     cfg.train.global_batch_size, cfg.train.micro_batch_size, cfg.train.seq_len = GLOBAL_BATCH, MICRO_BATCH, SEQ
     cfg.optim.clip_grad = 0.5  # low enough to clip: the norm must be global for the losses to agree
     for key, value in parallel.items():
@@ -22,19 +22,19 @@ def make_config(**parallel) -> Config:
     return cfg
 
 
-def global_batches(steps: int):
+def global_batches(steps: int, vocab_size: int = VOCAB):
     g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(steps)]
+    return [torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(steps)]
 
 
-def reference_run(steps: int, lr: float = LR):
+def reference_run(steps: int, lr: float = LR, vocab_size: int = VOCAB):
     """(losses, grad norms) of ``steps`` steps in one process."""
-    cfg = make_config()
+    cfg = make_config(vocab_size)
     model = MiniCPM(cfg.model)
     model.init_weights(torch.Generator().manual_seed(0))
     optimizer = build_optimizer(model, cfg.model, cfg.optim)
     losses, norms = [], []
-    for samples in global_batches(steps):
+    for samples in global_batches(steps, vocab_size):
         total = 0.0
         for micro in samples.split(MICRO_BATCH):
             loss_sum, _ = model.loss(micro[:, :-1], micro[:, 1:])

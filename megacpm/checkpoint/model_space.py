@@ -44,6 +44,13 @@ def _global_view(local: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor
         return local
     from torch.distributed.tensor import DTensor, Shard
 
+    if hasattr(param, "tp_global_rows"):
+        # A padded vocabulary: only the real rows are model space, an uneven Shard(0) with
+        # torch.chunk's split, which is how the padding was laid out.
+        local = local.narrow(0, 0, param.tp_valid_rows)
+        shape = torch.Size((param.tp_global_rows, *local.shape[1:]))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
     # No communication: every shard has the same shape, so the global shape is local * tp.
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
 

@@ -73,9 +73,12 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
             f"parallel.pp * parallel.vpp = {p.pp * p.vpp} does not divide "
             f"model.num_hidden_layers {m.num_hidden_layers}"
         )
-    if m.vocab_size % p.tp:
-        # The vocab-parallel embedding and loss give each TP rank an equal vocabulary slice.
-        raise ConfigError(f"parallel.tp: {p.tp} does not divide model.vocab_size {m.vocab_size}")
+    per_rank = -(-m.vocab_size // p.tp)
+    if per_rank * (p.tp - 1) >= m.vocab_size:
+        # The vocabulary is padded to a multiple of tp, ceil(vocab / tp) rows per rank: every rank
+        # must still hold at least one real token.
+        raise ConfigError(f"parallel.tp: {p.tp} leaves a tensor-parallel rank without any of the "
+                          f"model.vocab_size {m.vocab_size} tokens")
     if p.sp and p.tp == 1:
         raise ConfigError("parallel.sp: sequence parallelism needs parallel.tp > 1")
     if p.sp and cfg.train.seq_len % p.tp:

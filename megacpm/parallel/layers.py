@@ -31,12 +31,33 @@ def _rank(group: Group) -> int:
     return 0 if group_size(group) == 1 else dist.get_rank(group)
 
 
-def shard(full: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
-    """This rank's contiguous slice of ``full`` along ``dim`` (which the group size must divide)."""
+def shard(full: torch.Tensor, dim: int, group: Group, pad: bool = False) -> torch.Tensor:
+    """This rank's contiguous slice of ``full`` along ``dim``.
+
+    The group size must divide that dimension, unless ``pad``: then every rank gets ceil(n / size)
+    rows, the last ones completed with zeros (torch.chunk's split, so a checkpoint can describe the
+    real rows as an uneven shard).
+    """
     size = group_size(group)
     if full.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not divide over {size} ranks")
+        if not pad:
+            raise ValueError(f"dimension {dim} of size {full.shape[dim]} does not divide over {size} ranks")
+        extra = list(full.shape)
+        extra[dim] = padded_size(full.shape[dim], size) - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(extra)], dim=dim)
     return full.chunk(size, dim=dim)[_rank(group)].clone()
+
+
+def padded_size(rows: int, size: int) -> int:
+    """``rows`` rounded up to a multiple of ``size`` (Megatron pads the vocabulary the same way)."""
+    return -(-rows // size) * size
+
+
+def _mark_padded_rows(weight: nn.Parameter, global_rows: int, group: Group) -> None:
+    """Record which leading rows of a padded vocabulary shard are real (the rest are padding)."""
+    per_rank = weight.shape[0]
+    weight.tp_global_rows = global_rows
+    weight.tp_valid_rows = max(0, min(per_rank, global_rows - _rank(group) * per_rank))
 
 
 class _FromFull(nn.Module):
@@ -50,8 +71,9 @@ class _FromFull(nn.Module):
         rows, cols = full_weight.shape
         dims = (cols, rows) if cls.FULL_SHAPE_IS_OUT_IN else (rows, cols)
         layer = cls(*dims, group, dtype=full_weight.dtype, **kwargs)
+        padded = hasattr(layer.weight, "tp_global_rows")
         with torch.no_grad():
-            layer.weight.copy_(shard(full_weight, layer.weight.tp_shard_dim, group))
+            layer.weight.copy_(shard(full_weight, layer.weight.tp_shard_dim, group, pad=padded))
         return layer
 
 
@@ -59,17 +81,20 @@ class ColumnParallelLinear(_FromFull):
     """y = x @ W.T with W's output features split over the group: each rank computes its slice."""
 
     def __init__(self, in_features: int, out_features: int, group: Group, gather_output: bool = False,
-                 sequence_parallel: bool = False, input_ready: bool = False, dtype: torch.dtype = torch.float32):
+                 sequence_parallel: bool = False, input_ready: bool = False, pad_outputs: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         size = group_size(group)
-        if out_features % size:
+        if out_features % size and not pad_outputs:
             raise ValueError(f"output features {out_features} do not divide over {size} tensor-parallel ranks")
         self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
         # input_ready: the input already went through copy_to_tp / gather_from_sp once, in the norm
         # that feeds several column layers (q, k, v; gate, up), so one collective serves them all.
         self.input_ready = input_ready
-        self.weight = nn.Parameter(torch.empty(out_features // size, in_features, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(padded_size(out_features, size) // size, in_features, dtype=dtype))
         self.weight.tp_shard_dim = 0
+        if out_features % size:  # an LM head over a vocabulary tp does not divide
+            _mark_padded_rows(self.weight, out_features, group)
 
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,20 +124,23 @@ class RowParallelLinear(_FromFull):
 
 
 class VocabParallelEmbedding(_FromFull):
+    """Each rank owns a contiguous vocabulary range of ceil(vocab / tp) rows (the last rank's tail is
+    zero padding when tp does not divide the vocabulary: MiniCPM-2.4B's 122753 is prime); ids outside
+    a rank's range embed to zero before the sum."""
+
     FULL_SHAPE_IS_OUT_IN = False  # the full weight is [vocab, dim], the constructor order
-    """Each rank owns a contiguous vocabulary range; ids outside it embed to zero before the sum."""
 
     def __init__(self, vocab_size: int, dim: int, group: Group, sequence_parallel: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         size = group_size(group)
-        if vocab_size % size:
-            raise ValueError(f"vocab size {vocab_size} does not divide over {size} tensor-parallel ranks "
-                             f"(pad the vocabulary)")
+        per_rank = padded_size(vocab_size, size) // size
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.vocab_start = _rank(group) * (vocab_size // size)
-        self.weight = nn.Parameter(torch.empty(vocab_size // size, dim, dtype=dtype))
+        self.vocab_start = _rank(group) * per_rank
+        self.weight = nn.Parameter(torch.empty(per_rank, dim, dtype=dtype))
         self.weight.tp_shard_dim = 0
+        if vocab_size % size:
+            _mark_padded_rows(self.weight, vocab_size, group)
 
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

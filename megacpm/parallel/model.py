@@ -92,7 +92,8 @@ def shard_tensor_parallel(model: MiniCPM, group: Group, sequence_parallel: bool 
                                                          sequence_parallel=sequence_parallel)
     model.norm = ParallelInputNorm(model.norm, group, sequence_parallel)
     if model.lm_head is not None:
-        model.lm_head = ColumnParallelLinear.from_full(model.lm_head.weight.data, input_ready=True, **column)
+        model.lm_head = ColumnParallelLinear.from_full(model.lm_head.weight.data, input_ready=True,
+                                                       pad_outputs=True, **column)
 
 
 def stage_layers(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> range:
@@ -123,8 +124,8 @@ class PipelineStage(nn.Module):
             elif pipeline_size > 1:
                 # Tied embedding across pipeline ranks: the last stage keeps its own copy as the
                 # output weight; the trainer sums the two copies' gradients over the embedding group.
-                self.lm_head = ColumnParallelLinear(self.cfg.hidden_size, model.embed_tokens.weight.shape[0]
-                                                    * group_size(tp_group), tp_group, input_ready=True)
+                self.lm_head = ColumnParallelLinear(self.cfg.hidden_size, self.cfg.vocab_size, tp_group,
+                                                    input_ready=True, pad_outputs=True)
                 with torch.no_grad():
                     self.lm_head.weight.copy_(model.embed_tokens.weight)
                 self.lm_head.weight.shared_embedding = True
@@ -163,7 +164,13 @@ class PipelineStage(nn.Module):
             loss = fused_linear_cross_entropy(hidden, self.output_weight, labels, logit_scale=scale,
                                               ignore_index=ignore_index, reduction="sum")
         else:
-            logits_shard = F.linear(hidden, self.output_weight)
+            weight = self.output_weight
+            logits_shard = F.linear(hidden, weight)
+            valid = getattr(weight, "tp_valid_rows", weight.shape[0])
+            if valid < weight.shape[0]:
+                # Padding rows of the vocabulary: probability zero, so no loss and no gradient.
+                logits_shard = logits_shard.clone()
+                logits_shard[:, valid:] = float("-inf")
             loss = vocab_parallel_cross_entropy(logits_shard, labels, self.tp_group, logit_scale=scale,
                                                 ignore_index=ignore_index, reduction="sum")
         return loss, count

@@ -74,7 +74,21 @@ def test_uneven_shapes_are_refused(monkeypatch):
     monkeypatch.setattr(layers, "_rank", lambda group: 0)
     with pytest.raises(ValueError, match="does not divide"):
         layers.shard(torch.zeros(3, 2), 0, None)
-    with pytest.raises(ValueError, match="pad the vocabulary"):
-        layers.VocabParallelEmbedding(7, 4, None)
     with pytest.raises(ValueError, match="output features 3"):
         layers.ColumnParallelLinear(4, 3, None)
+
+
+def test_a_vocabulary_is_padded_to_ceil_rows_per_rank(monkeypatch):
+    from megacpm.parallel import layers
+
+    monkeypatch.setattr(layers, "group_size", lambda group: 2)
+    full = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
+    for rank, valid in ((0, 4), (1, 3)):
+        monkeypatch.setattr(layers, "_rank", lambda group, rank=rank: rank)
+        embedding = layers.VocabParallelEmbedding.from_full(full, None)
+        head = layers.ColumnParallelLinear.from_full(full, None, pad_outputs=True)
+        for weight in (embedding.weight, head.weight):
+            assert weight.shape == (4, 3) and weight.tp_valid_rows == valid and weight.tp_global_rows == 7
+            assert torch.equal(weight[:valid], full[rank * 4:rank * 4 + valid])
+            assert not weight[valid:].any()  # the padding rows are zeros
+        assert embedding.vocab_start == rank * 4

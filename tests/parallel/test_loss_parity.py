@@ -54,3 +54,23 @@ def test_layout_matches_one_process(expected, name, world, parallel):
         # Clipping hides a wrongly scaled gradient from the losses (Adam is scale-invariant too):
         # the global norm itself must match.
         assert rank_norms == pytest.approx(norms, rel=1e-4), name
+
+
+ODD_VOCAB = 61  # prime, like MiniCPM-2.4B's 122753: tp pads it to ceil(61 / tp) rows per rank
+
+
+def _odd_vocab_losses(parallel):
+    cfg = make_config(ODD_VOCAB, **parallel)
+    ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=120)
+    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    results = [step.step(samples, LR) for samples in global_batches(STEPS, ODD_VOCAB)]
+    return [loss for loss, _ in results], [norm for _, norm in results]
+
+
+@pytest.mark.parametrize("world, parallel", [(4, dict(tp=4)), (4, dict(tp=2, pp=2))], ids=["tp4", "tp2-pp2-tied"])
+def test_a_vocabulary_tp_does_not_divide_is_padded(world, parallel):
+    losses, norms = reference_run(STEPS, vocab_size=ODD_VOCAB)
+    for rank_losses, rank_norms in run_distributed(_odd_vocab_losses, world, args=(parallel,), timeout=400):
+        assert rank_losses == pytest.approx(losses, rel=1e-4)
+        assert rank_norms == pytest.approx(norms, rel=1e-4)
+
