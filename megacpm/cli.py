@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from megacpm.config import ConfigError, config_to_dict, dump_yaml, load_config, preset_names, validate
@@ -125,6 +126,36 @@ def cmd_info(config: str, overrides: List[str], as_json: bool, world_size: int) 
     return 0
 
 
+def cmd_branch(source: str, new_run: str, overrides: List[str]) -> int:
+    """A new run from a checkpoint of another run, with overrides; the parent is only read."""
+    from megacpm.checkpoint import CheckpointError
+    from megacpm.checkpoint.branch import create_branch, resolve_checkpoint
+
+    try:
+        checkpoint = resolve_checkpoint(source)
+    except CheckpointError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    # The branch's config: the checkpoint's own, the overrides on top, the new directory as run.dir.
+    cfg = load_config(str(checkpoint / "config.yaml"), [*overrides, f"--run.dir={new_run}"])
+    validate(cfg, world_size=1, check_data=True)
+    try:
+        path = create_branch(checkpoint, Path(new_run), dump_yaml(cfg), overrides)
+    except CheckpointError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    print(f"branched {path} from {checkpoint} (step {checkpoint.name.split('_')[1]}); "
+          f"continue it with: megacpm train {path}")
+    return 0
+
+
+def cmd_runs(root: str) -> int:
+    from megacpm.checkpoint.branch import find_runs, format_tree
+
+    if not Path(root).is_dir():
+        return _fail(f"{root}: not a directory", EXIT_USAGE)
+    print(format_tree(Path(root), find_runs(Path(root))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megacpm", allow_abbrev=False,
@@ -140,6 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.add_argument("--world-size", type=int, default=None,
                       help="plan for this many ranks (default: $WORLD_SIZE or 1)")
+    branch = verbs.add_parser("branch", allow_abbrev=False, help="start a new run from a checkpoint",
+                              description="Start NEW_RUN_DIR from SOURCE (a run directory: its latest "
+                                          "checkpoint; or one checkpoint directory) with overrides, e.g. "
+                                          "a decay schedule or a new data mixture. The parent is not modified.")
+    branch.add_argument("source", help="run directory or checkpoints/step_N directory")
+    branch.add_argument("new_run", help="the new run directory (must not exist)")
+    runs = verbs.add_parser("runs", allow_abbrev=False, help="the tree of runs and branches under a directory")
+    runs.add_argument("root", help="directory holding run directories")
     return parser
 
 
@@ -149,6 +188,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.verb == "train":
             return cmd_train(args.config, overrides)
+        if args.verb == "branch":
+            return cmd_branch(args.source, args.new_run, overrides)
+        if args.verb == "runs":
+            return cmd_runs(args.root) if not overrides else _fail(f"unexpected arguments {overrides}", EXIT_USAGE)
         if args.verb == "info":
             return cmd_info(args.config, overrides, args.json, args.world_size or _world_size())
     except ConfigError as exc:

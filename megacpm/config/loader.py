@@ -179,6 +179,10 @@ def load_config(source: str, overrides: Optional[Iterable[str]] = None) -> Confi
     cfg_path, name, is_run_dir = resolve_source(source)
     cfg = Config()
     apply_mapping(cfg, _read_yaml(cfg_path), str(cfg_path))
+    if is_run_dir:
+        # A run directory is where it is now, whatever path it was written under (it may have been
+        # moved, or reached from another working directory).
+        cfg.run.dir = str(cfg_path.parent)
     for key, value in parse_overrides(overrides or []):
         set_value(cfg, key, value)
     if cfg.run.dir is None:

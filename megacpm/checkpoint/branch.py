@@ -1,0 +1,171 @@
+"""Checkpoint branching: a new run that starts from another run's checkpoint (MiniCPM's WSD decays
+from any stable checkpoint, two-stage pretraining with a new data mixture), and the tree of runs.
+
+A branch directory is an ordinary run directory:
+  config.yaml               the parent's config with the branch's overrides, run.dir = the branch
+  lineage.json              the parent run and checkpoint, the step branched at, the overrides
+  checkpoints/step_N/       the parent's checkpoint, hard-linked file by file (copied across
+                            filesystems), so it survives the parent rotating that checkpoint away
+  checkpoints/latest        step_N
+``megacpm train BRANCH`` resumes from step_N with the branch's own schedule and data. The parent is
+only read. The branch is assembled under a temporary name and renamed, so it exists complete or not
+at all.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from megacpm.checkpoint.atomic import TMP_PREFIX, fsync_tree
+from megacpm.checkpoint.manager import (LATEST, STEP_DIR, CheckpointError, checkpoints_dir, latest_checkpoint,
+                                        read_trainer_state)
+
+LINEAGE = "lineage.json"
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """SOURCE as a checkpoint directory: a checkpoint itself, or a run directory (its latest)."""
+    path = Path(source)
+    if (path / "trainer_state.json").is_file():
+        return path
+    if (path / "config.yaml").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: the run has no checkpoint yet")
+        return latest
+    raise CheckpointError(f"{path}: neither a run directory (config.yaml) nor a checkpoint (trainer_state.json)")
+
+
+def _link_or_copy_tree(source: Path, target: Path) -> None:
+    """Hard-link every file of ``source`` under ``target`` (checkpoint files are never rewritten in
+    place, so sharing inodes is safe); copy when the filesystems differ."""
+    for dirpath, _dirnames, filenames in os.walk(source):
+        relative = Path(dirpath).relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            src, dst = Path(dirpath) / name, target / relative / name
+            try:
+                os.link(src, dst)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copy2(src, dst)
+
+
+def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: Iterable[str]) -> Path:
+    """Assemble the branch run directory ``new_run`` from ``checkpoint`` (see the module docstring)."""
+    checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
+    meta = read_trainer_state(checkpoint)  # refuses an incomplete or foreign checkpoint first
+    if new_run.exists():
+        raise CheckpointError(f"{new_run}: already exists; a branch is created in a new directory")
+    if not STEP_DIR.match(checkpoint.name):
+        raise CheckpointError(f"{checkpoint}: not a checkpoints/step_N directory")
+    parent_run = checkpoint.parent.parent
+    new_run.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_run.with_name(f"{TMP_PREFIX}{new_run.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _link_or_copy_tree(checkpoint, checkpoints_dir(tmp) / checkpoint.name)
+        (checkpoints_dir(tmp) / LATEST).write_text(checkpoint.name)
+        (tmp / "config.yaml").write_text(config_yaml)
+        lineage = {"parent_run": str(parent_run), "parent_checkpoint": str(checkpoint),
+                   "step": int(meta["step"]), "tokens": int(meta["tokens"]),
+                   "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
+        (tmp / LINEAGE).write_text(json.dumps(lineage, indent=1))
+        fsync_tree(tmp)
+        os.rename(tmp, new_run)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return new_run
+
+
+# -- the tree of runs ------------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    path: Path
+    parent: Optional[Path]  # the parent run, for a branch
+    branched_at: Optional[int]
+    step: Optional[int]  # of the newest complete checkpoint
+    tokens: Optional[int]
+    last_loss: Optional[float]
+    last_eval_loss: Optional[float]
+
+
+def _last_metrics(run: Path) -> Dict[str, float]:
+    found: Dict[str, float] = {}
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return found
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+        for key in ("loss", "eval_loss", "tokens"):
+            if key in record:
+                found[key] = record[key]
+    return found
+
+
+def summarize_run(run: Path) -> RunSummary:
+    lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
+    try:
+        latest = latest_checkpoint(run)
+    except CheckpointError:
+        latest = None
+    step = int(latest.name.split("_")[1]) if latest is not None else None
+    metrics = _last_metrics(run)
+    return RunSummary(run, Path(lineage["parent_run"]).resolve() if lineage else None, lineage.get("step"),
+                      step, metrics.get("tokens"), metrics.get("loss"), metrics.get("eval_loss"))
+
+
+def find_runs(root: Path) -> List[RunSummary]:
+    """Every run directory (holding config.yaml) under ``root``, sorted by path."""
+    runs = sorted({p.parent.resolve() for p in Path(root).rglob("config.yaml")
+                   if not any(part.startswith(TMP_PREFIX) or part == "checkpoints" for part in p.parts)})
+    return [summarize_run(run) for run in runs]
+
+
+def format_tree(root: Path, runs: List[RunSummary]) -> str:
+    """Runs as a tree: each branch under its parent (a parent outside ``root`` is named)."""
+    by_parent: Dict[Optional[Path], List[RunSummary]] = {}
+    known = {run.path for run in runs}
+    for run in runs:
+        by_parent.setdefault(run.parent if run.parent in known else None, []).append(run)
+    root = Path(root).resolve()
+
+    def describe(run: RunSummary) -> str:
+        name = os.path.relpath(run.path, root)
+        parts = [f"step {run.step}" if run.step is not None else "no checkpoint"]
+        if run.tokens is not None:
+            parts.append(f"{run.tokens:,} tokens")
+        if run.last_loss is not None:
+            parts.append(f"loss {run.last_loss:.4f}")
+        if run.last_eval_loss is not None:
+            parts.append(f"eval {run.last_eval_loss:.4f}")
+        if run.branched_at is not None:
+            origin = "" if run.parent in known else f" of {run.parent}"
+            parts.append(f"branched at step {run.branched_at}{origin}")
+        return f"{name}  ({', '.join(parts)})"
+
+    lines: List[str] = []
+
+    def walk(parent: Optional[Path], prefix: str) -> None:
+        children = by_parent.get(parent, [])
+        for i, run in enumerate(children):
+            if parent is None:  # a root run: flush left, its branches below it
+                lines.append(describe(run))
+                walk(run.path, "")
+                continue
+            last = i == len(children) - 1
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{describe(run)}")
+            walk(run.path, prefix + ("    " if last else "│   "))
+
+    walk(None, "")
+    return "\n".join(lines) if lines else f"{root}: no runs"
