@@ -35,7 +35,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.1"],
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "transformers>=4.40"],  # transformers: the Llama-export test
         "gpu": ["flash-attn", "transformer-engine", "nvidia-ml-py"],
     },
     entry_points={"console_scripts": ["megacpm=megacpm.cli:main"]},

@@ -6,7 +6,8 @@ from megacpm.checkpoint.manager import (
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    save_weights,
 )
 
 __all__ = ["CheckpointError", "TrainerState", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "save_checkpoint", "save_weights"]

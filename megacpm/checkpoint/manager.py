@@ -154,7 +154,19 @@ def save_checkpoint(run_dir: str | Path, cfg: Config, step: ParallelStep, state:
 
     Collective: every rank of the run calls it.
     """
-    ctx = step.ctx
+    return _save(run_dir, cfg, step.ctx, state, lambda: state_to_save(step), with_optimizer=True)
+
+
+def save_weights(run_dir: str | Path, cfg: Config, weights: Dict[str, torch.Tensor],
+                 state: Optional[TrainerState] = None) -> Path:
+    """A weights-only checkpoint written by one process (the converter's output): model-space
+    tensors by name. A run resuming from it starts a fresh optimizer (zero moments, step count 0)."""
+    return _save(run_dir, cfg, ParallelContext.single(), state or TrainerState(), lambda: {"model": weights},
+                 with_optimizer=False)
+
+
+def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: TrainerState, dcp_state,
+          with_optimizer: bool) -> Path:
     root = checkpoints_dir(run_dir)
     final = root / f"step_{state.step}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -170,12 +182,13 @@ def save_checkpoint(run_dir: str | Path, cfg: Config, step: ParallelStep, state:
 
     if not _on_rank0(ctx, prepare):
         return final
-    _dcp_quiet(dcp.save, state_to_save(step), checkpoint_id=str(tmp / "state"))
+    _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / "state"))
     write_text_atomic(tmp / "rng" / f"rank_{ctx.rank}.json", json.dumps(_rng_state()))
     _barrier(ctx)
 
     def finalize() -> None:
-        meta = {"format_version": FORMAT_VERSION, **asdict(state), "model": _model_shape(cfg.model),
+        meta = {"format_version": FORMAT_VERSION, **asdict(state), "optimizer": with_optimizer,
+                "model": _model_shape(cfg.model),
                 "layout": {"world_size": ctx.world_size, "tp": ctx.layout.tp, "pp": ctx.layout.pp,
                            "vpp": ctx.layout.vpp, "zero1": cfg.parallel.zero1}}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
@@ -226,6 +239,7 @@ def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_opti
     state_dir = path / "state"
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{state_dir / '.metadata'}: missing (incomplete checkpoint)")
+    with_optimizer = with_optimizer and meta.get("optimizer", True)  # weights-only: a fresh optimizer
     target, local = state_to_load(step, with_optimizer)
     try:
         _dcp_quiet(dcp.load, target, checkpoint_id=str(state_dir))
@@ -241,3 +255,20 @@ def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_opti
         raise CheckpointError(f"{rng_path}: missing or corrupted") from None
     return TrainerState(step=int(meta["step"]), optimizer_steps=int(meta["optimizer_steps"]),
                         consumed_samples=int(meta["consumed_samples"]), tokens=int(meta["tokens"]))
+
+
+def read_weights(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
+    """A checkpoint's fp32 model-space weights, whole, in one process (whatever layout wrote them)."""
+    path = Path(path)
+    meta = read_trainer_state(path)
+    saved = meta.get("model", {})
+    for key, value in _model_shape(model_cfg).items():
+        if saved.get(key) != value:
+            raise CheckpointError(f"{path}: model.{key} is {saved.get(key)!r} in the checkpoint but {value!r} in its config")
+    weights = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
+    try:
+        _dcp_quiet(dcp.load, {"model": weights}, checkpoint_id=str(path / "state"))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{path / 'state'}: cannot be read ({_first_cause(exc)})") from None
+    return weights
+

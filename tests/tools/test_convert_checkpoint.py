@@ -1,0 +1,140 @@
+"""tools/convert_checkpoint.py and megacpm.load_pretrained: Hugging Face MiniCPM <-> megacpm bit-exact,
+any layout loads the converted checkpoint, and the Llama-format export gives transformers'
+LlamaForCausalLM the same logits.
+
+The Hugging Face directories are written here by hand from the published layout (config.json,
+``model.``-prefixed tensors, safetensors or pytorch_model.bin, optionally sharded with an index).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import megacpm
+from megacpm.checkpoint import latest_checkpoint, load_checkpoint
+from megacpm.config import ModelConfig, load_config
+from megacpm.model import MiniCPM
+from megacpm.parallel.context import ParallelContext
+from megacpm.train.parallel_step import ParallelStep
+from tests.distributed import run_distributed
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
+VOCAB = 101  # prime: the tp=2 load below exercises the padded vocabulary too
+
+
+def model_config(tied):
+    return ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, dim_model_base=16, tie_word_embeddings=tied)
+
+
+def hf_tensors(tied, seed=0):
+    model = MiniCPM(model_config(tied))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    return {(k if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
+
+
+def write_hf(directory, tied, layout="safetensors"):
+    directory.mkdir()
+    cfg = model_config(tied)
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "dim_model_base", "tie_word_embeddings", "scale_emb", "scale_depth", "rope_theta",
+              "rms_norm_eps", "max_position_embeddings")
+    (directory / "config.json").write_text(json.dumps({"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
+                                                       **{k: getattr(cfg, k) for k in fields}}))
+    tensors = hf_tensors(tied)
+    if layout == "safetensors":
+        save_file(tensors, str(directory / "model.safetensors"))
+    elif layout == "sharded-safetensors":
+        names = sorted(tensors)
+        halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+        for file, keys in halves.items():
+            save_file({k: tensors[k] for k in keys}, str(directory / file))
+        weight_map = {k: file for file, keys in halves.items() for k in keys}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(tensors, directory / "pytorch_model.bin")
+    return tensors
+
+
+def convert(*args):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("tied, layout", [(True, "safetensors"), (False, "sharded-safetensors"), (True, "bin")])
+def test_round_trip_is_bit_exact(tmp_path, tied, layout):
+    original = write_hf(tmp_path / "hf", tied, layout)
+    result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "hf", "--output", tmp_path / "run",
+                     "--tp", "2", "--pp", "2")
+    assert result.returncode == 0, result.stderr
+    result = convert("--from", "megacpm", "--to", "hf", "--input", tmp_path / "run", "--output", tmp_path / "back",
+                     "--max-shard-size", "20KB")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    back = {}
+    for file in set(index["weight_map"].values()):  # 20 KB shards: the writer's index path too
+        back.update(load_file(str(tmp_path / "back" / file)))
+    assert back.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert config["architectures"] == ["MiniCPMForCausalLM"] and config["tie_word_embeddings"] == tied
+    assert (config["scale_emb"], config["scale_depth"], config["dim_model_base"]) == (12.0, 1.4, 16)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = [megacpm.load_pretrained(p)(ids) for p in (tmp_path / "hf", tmp_path / "run", tmp_path / "back")]
+    assert logits[0].shape == (2, 9, VOCAB) and logits[0].dtype == torch.float32
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_format_gives_transformers_the_same_logits(tmp_path, tied):
+    transformers = pytest.importorskip("transformers")
+    write_hf(tmp_path / "hf", tied)
+    result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "hf", "--output", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    result = convert("--from", "megacpm", "--to", "hf", "--input", tmp_path / "run", "--output", tmp_path / "llama",
+                     "--llama-format")
+    assert result.returncode == 0, result.stderr
+    llama = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "llama"), dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = megacpm.load_pretrained(tmp_path / "hf")(ids)
+        got = llama(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def _tp2_eval_loss(run_dir, samples):
+    cfg = load_config(str(run_dir), ["--parallel.tp=2", "--train.micro_batch_size=2"])
+    step = ParallelStep(cfg, ParallelContext.initialize(tp=2), generator=torch.Generator().manual_seed(5))
+    state = load_checkpoint(latest_checkpoint(run_dir), cfg, step)
+    total, count = step.evaluate(samples)
+    return state.step, step.optimizer_steps, total / count
+
+
+def test_converted_checkpoint_loads_under_tensor_parallelism(tmp_path):
+    write_hf(tmp_path / "hf", tied=True)
+    result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "hf", "--output", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    samples = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = megacpm.load_pretrained(tmp_path / "hf")(samples[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), samples[:, 1:].flatten()).item()
+    for step, optimizer_steps, loss in run_distributed(_tp2_eval_loss, 2, args=(tmp_path / "run", samples)):
+        assert (step, optimizer_steps) == (0, 0)  # weights only: a fresh optimizer
+        assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    tensors = write_hf(tmp_path / "hf", tied=True)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(tmp_path / "hf" / "model.safetensors"))
+    result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "hf", "--output", tmp_path / "run")
+    assert result.returncode == 1
+    assert "layers.1.mlp.up_proj.weight" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+    result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "nothing", "--output", tmp_path / "run")
+    assert result.returncode == 1 and "config.json: missing" in result.stderr
