@@ -5,9 +5,11 @@ from megacpm.checkpoint.manager import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    PendingSave,
     save_checkpoint,
+    save_checkpoint_async,
     save_weights,
 )
 
 __all__ = ["CheckpointError", "TrainerState", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "save_checkpoint", "save_weights"]
+           "load_checkpoint", "PendingSave", "save_checkpoint", "save_checkpoint_async", "save_weights"]

@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megacpm.checkpoint.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
-from megacpm.checkpoint.model_space import state_to_load, state_to_save
+from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.parallel_step import ParallelStep
@@ -157,6 +157,39 @@ def save_checkpoint(run_dir: str | Path, cfg: Config, step: ParallelStep, state:
     return _save(run_dir, cfg, step.ctx, state, lambda: state_to_save(step), with_optimizer=True)
 
 
+class PendingSave:
+    """A checkpoint being written in the background (``save_checkpoint_async``).
+
+    ``done()`` is this rank's view; ``finish()`` (collective, every rank at the same step) waits for
+    the writes and then publishes the checkpoint: rename, ``latest``, rotation.
+    """
+
+    def __init__(self, future, ctx: ParallelContext, publish, path: Path):
+        self._future, self._ctx, self._publish, self.path = future, ctx, publish, path
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def finish(self) -> Path:
+        error = None
+        if self._future is not None:
+            try:
+                self._future.result()
+            except (Exception, CheckpointException) as exc:
+                error = f"{self.path}: background write failed ({_first_cause(exc)})"
+        if error is not None:
+            raise CheckpointError(error)
+        _on_rank0(self._ctx, self._publish)
+        return self.path
+
+
+def save_checkpoint_async(run_dir: str | Path, cfg: Config, step: ParallelStep, state: TrainerState) -> PendingSave:
+    """Start ``save_checkpoint`` in a background thread. The state is copied to host memory before
+    this returns, so training may go on changing the weights; call ``finish()`` on the result before
+    the next save. Collective: every rank of the run calls it."""
+    return _save(run_dir, cfg, step.ctx, state, lambda: state_to_save(step), with_optimizer=True, background=True)
+
+
 def save_weights(run_dir: str | Path, cfg: Config, weights: Dict[str, torch.Tensor],
                  state: Optional[TrainerState] = None) -> Path:
     """A weights-only checkpoint written by one process (the converter's output): model-space
@@ -166,7 +199,8 @@ def save_weights(run_dir: str | Path, cfg: Config, weights: Dict[str, torch.Tens
 
 
 def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: TrainerState, dcp_state,
-          with_optimizer: bool) -> Path:
+          with_optimizer: bool, background: bool = False):
+    state = replace(state)  # as of now: a background save is published after the trainer moved on
     root = checkpoints_dir(run_dir)
     final = root / f"step_{state.step}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -181,10 +215,18 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
         return True
 
     if not _on_rank0(ctx, prepare):
-        return final
-    _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / "state"))
+        return PendingSave(None, ctx, lambda: None, final) if background else final
     write_text_atomic(tmp / "rng" / f"rank_{ctx.rank}.json", json.dumps(_rng_state()))
-    _barrier(ctx)
+    future = None
+    if background:
+        # DCP copies the tensors to host memory, then writes from a thread coordinating over its own
+        # group while this thread's collectives go on.
+        future = _dcp_quiet(dcp.async_save, dcp_state(), checkpoint_id=str(tmp / "state"),
+                            process_group=ctx.background_group, no_dist=ctx.world_size == 1,
+                            async_stager=HostCopyStager())
+    else:
+        _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / "state"))
+        _barrier(ctx)
 
     def finalize() -> None:
         meta = {"format_version": FORMAT_VERSION, **asdict(state), "optimizer": with_optimizer,
@@ -199,6 +241,8 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
         write_text_atomic(root / LATEST, final.name)
         _rotate(root, cfg.checkpoint.keep)
 
+    if background:
+        return PendingSave(future, ctx, finalize, final)
     _on_rank0(ctx, finalize)
     return final
 

@@ -90,3 +90,39 @@ def state_to_load(step: ParallelStep, with_optimizer: bool = True
         for m in MOMENTS if with_optimizer else ():
             target["optim"][m][key] = _global_view(local[name][m], param, mesh)
     return target, local
+
+
+def _host_copy(value):
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, dict):
+        return {key: _host_copy(item) for key, item in value.items()}
+    if isinstance(value, DTensor):
+        local = value.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
+                                  shape=value.shape, stride=value.stride())
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
+
+
+class HostCopyStager:
+    """dcp.async_save's staging step: one host copy of every tensor (DTensor shards kept as shards),
+    owning its memory, so the background write is immune to the training that goes on. (DCP's own
+    stager copies storages, which fails on views into the flat ZeRO and gradient buffers.)"""
+
+    _synchronize_after_execute = False
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: StateDict) -> StateDict:
+        return _host_copy(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+

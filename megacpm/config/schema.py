@@ -137,6 +137,10 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 100  # steps; 0 saves only at the end (and on SIGTERM / Ctrl-C)
     keep: int = 3  # newest complete checkpoints kept; 0 keeps all
+    # Write interval checkpoints in a background thread while training goes on: the step pays only
+    # for copying the state to host memory. The checkpoint becomes `latest` once every rank's
+    # write has finished (checked each step); the last one of a run is written synchronously.
+    async_save: bool = False
 
 
 @dataclass

@@ -36,6 +36,9 @@ class ParallelContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     groups: Dict[str, Optional[dist.ProcessGroup]] = field(default_factory=dict)
     group_ranks: Dict[str, List[int]] = field(default_factory=dict)
+    # All ranks over gloo, for checkpoint writes in a background thread: collectives of two threads
+    # must not share a group (their order would interleave differently on different ranks).
+    background_group: Optional[dist.ProcessGroup] = None
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -76,7 +79,8 @@ class ParallelContext:
                 group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
                 if rank in ranks:
                     groups[kind], group_ranks[kind] = group, ranks
-        return cls(layout, rank, device, groups, group_ranks)
+        background = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(layout, rank, device, groups, group_ranks, background)
 
     def destroy(self) -> None:
         if dist.is_initialized():

@@ -24,7 +24,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megacpm.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from megacpm.checkpoint import (PendingSave, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,
+                                save_checkpoint_async)
 from megacpm.checkpoint.atomic import write_text_atomic
 from megacpm.config import Config, dump_yaml
 from megacpm.data import DataBundle, DataError, build_datasets, get_batch
@@ -98,6 +99,7 @@ class Trainer:
                                     param_dtype=self.param_dtype)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, t.steps)
         self.state = TrainerState()
+        self.pending: Optional[PendingSave] = None  # a checkpoint being written in the background
 
     def _build_data(self) -> DataBundle:
         """Datasets on every rank; local rank 0 first, so the others find the tokenizer and token
@@ -156,20 +158,33 @@ class Trainer:
             self.state = load_checkpoint(checkpoint, self.cfg, self.step_fn)
             self._message(f"resumed from {checkpoint} (step {self.state.step})")
 
-    def _save(self) -> Path:
+    def _save(self, background: bool = False) -> Path:
+        """Checkpoint the current step (after publishing any save still in flight)."""
+        self._finish_pending()
+        if background:
+            self.pending = save_checkpoint_async(self.run_dir, self.cfg, self.step_fn, self.state)
+            return self.pending.path
         return save_checkpoint(self.run_dir, self.cfg, self.step_fn, self.state)
+
+    def _finish_pending(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.finish()
 
     def _message(self, text: str) -> None:
         if self.is_rank0:
             self.print(text)
 
-    def _stop_agreed(self, stop: StopRequest) -> bool:
-        """Whether any rank was asked to stop: all ranks must save and leave at the same step."""
+    def _agree(self, stop: StopRequest) -> Tuple[bool, bool]:
+        """(whether any rank was asked to stop, whether every rank's background save is written):
+        all ranks must save, leave and publish a checkpoint at the same step."""
+        asked = stop.requested is not None
+        writing = self.pending is not None and not self.pending.done()
         if self.ctx.world_size == 1:
-            return stop.requested is not None
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            return asked, not writing
+        flags = torch.tensor([float(asked), float(writing)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), not bool(flags[1].item())
 
     def _sinks(self) -> Tuple[List, Optional[Console]]:
         if not self.is_rank0:
@@ -239,15 +254,23 @@ class Trainer:
                         for sink in sinks:
                             sink.write({"step": step, "eval_loss": eval_loss})
                     interval = cfg.checkpoint.interval
-                    stopping = self._stop_agreed(stop)
+                    stopping, written = self._agree(stop)
+                    if written:
+                        self._finish_pending()  # a background save is complete everywhere: publish it
                     if last_step or (interval and step % interval == 0) or stopping:
-                        path = self._save()
+                        # The run's last checkpoint is written before leaving; the others may overlap
+                        # the next steps.
+                        background = cfg.checkpoint.async_save and not (last_step or stopping)
+                        path = self._save(background)
                         if stopping:
                             if console is not None:
                                 console.message(f"{stop.requested or 'stop on another rank'}: saved {path}; "
                                                 f"stopping at step {step}")
                             status = "interrupted"
                             break
+        except TrainingDiverged:
+            self._finish_pending()  # an earlier step's checkpoint is good: publish it (every rank is here)
+            raise
         finally:
             for sink in sinks:
                 sink.close()
