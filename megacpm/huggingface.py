@@ -31,8 +31,8 @@ CONFIG = "config.json"
 # ModelConfig fields with the same name and meaning in a Hugging Face MiniCPM config.json.
 SHARED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling",
-                 "rms_norm_eps", "tie_word_embeddings", "scale_emb", "scale_depth", "dim_model_base",
-                 "initializer_range")
+                 "rms_norm_eps", "tie_word_embeddings", "attention_dropout", "scale_emb", "scale_depth",
+                 "dim_model_base", "initializer_range")
 MINICPM_AUTO_MAP = {"AutoConfig": "configuration_minicpm.MiniCPMConfig",
                     "AutoModel": "modeling_minicpm.MiniCPMModel",
                     "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"}

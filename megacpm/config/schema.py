@@ -27,6 +27,7 @@ class ModelConfig:
     rope_scaling: Optional[Dict[str, Any]] = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    attention_dropout: float = 0.0  # on the attention probabilities, in training (MiniCPM uses none)
     # muP (MiniCPM, Table 7). use_mup=False gives the standard parametrisation used as the
     # wind tunnel's baseline: no forward multipliers, plain init_std and one learning rate.
     use_mup: bool = True

@@ -46,6 +46,8 @@ def validate_model(cfg: Config) -> None:
             f"model.num_attention_heads {m.num_attention_heads}"
         )
     _one_of("model.attention_impl", m.attention_impl, ("auto", "sdpa", "flash", "eager"))
+    if not 0.0 <= m.attention_dropout < 1.0:
+        raise ConfigError(f"model.attention_dropout: must be in [0, 1), got {m.attention_dropout}")
     if m.rope_scaling is not None:
         kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
         factor = m.rope_scaling.get("factor")

@@ -2,7 +2,8 @@
 
 All take q [batch, seq, n_heads, head_dim] and k, v [batch, seq, n_kv_heads, head_dim] (grouped-query
 attention when n_kv_heads < n_heads) and return [batch, seq, n_heads, head_dim], scaled by
-1 / sqrt(head_dim).
+1 / sqrt(head_dim), with dropout ``dropout_p`` on the attention probabilities (drawn from the default
+generator: see megacpm.parallel.random for tensor-parallel regions).
 
 - "flash": flash-attn's ``flash_attn_func`` (CUDA, fp16/bf16 only; imported lazily).
 - "sdpa": ``torch.nn.functional.scaled_dot_product_attention`` (any device).
@@ -37,7 +38,7 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     seq_len, n_heads = q.shape[1], q.shape[2]
     k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -45,17 +46,19 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v).transpose(1, 2)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     grouped = k.shape[1] != q.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped)
     return out.transpose(1, 2)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     flash_attn_func = flash_attn_function()
     if flash_attn_func is None:
         raise RuntimeError("model.attention_impl is 'flash' but flash-attn is not installed "
@@ -65,18 +68,19 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
                            f"(got {q.device.type}, {q.dtype}); use 'auto' or 'sdpa' here")
     # flash-attn handles grouped kv heads itself and wants all three inputs in one half dtype.
     k, v = k.to(q.dtype), v.to(q.dtype)
-    return flash_attn_func(q, k, v, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
+    return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto",
+                     dropout_p: float = 0.0) -> torch.Tensor:
     if impl == "eager":
-        return eager_attention(q, k, v)
+        return eager_attention(q, k, v, dropout_p)
     if impl == "flash":
-        return flash_attention(q, k, v)
+        return flash_attention(q, k, v, dropout_p)
     if impl == "auto":
         if q.is_cuda and q.dtype in HALF_DTYPES and flash_attn_function() is not None:
-            return flash_attention(q, k, v)
-        return sdpa_attention(q, k, v)
+            return flash_attention(q, k, v, dropout_p)
+        return sdpa_attention(q, k, v, dropout_p)
     if impl == "sdpa":
-        return sdpa_attention(q, k, v)
+        return sdpa_attention(q, k, v, dropout_p)
     raise ValueError(f"unknown attention_impl {impl!r} (expected auto, sdpa, flash or eager)")

@@ -67,6 +67,10 @@ class Attention(nn.Module):
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.impl = cfg.attention_impl
+        self.dropout = cfg.attention_dropout
+        # Set when the heads are split over tensor-parallel ranks: dropout then draws from this
+        # rank's own stream (megacpm.parallel.random).
+        self.tp_rank: Optional[int] = None
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -81,7 +85,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim)
         v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rotary(q, k, cos, sin)
-        out = causal_attention(q, k, v, self.impl)
+        dropout = self.dropout if self.training else 0.0
+        if dropout > 0 and self.tp_rank is not None:
+            from megacpm.parallel.random import tensor_parallel_rng
+
+            with tensor_parallel_rng(self.tp_rank, q.device):
+                out = causal_attention(q, k, v, self.impl, dropout)
+        else:
+            out = causal_attention(q, k, v, self.impl, dropout)
         return self.o_proj(out.flatten(2))
 
 

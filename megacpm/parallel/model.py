@@ -73,6 +73,7 @@ def shard_tensor_parallel(model: MiniCPM, group: Group, sequence_parallel: bool 
         attn, mlp = layer.self_attn, layer.mlp
         layer.input_layernorm = ParallelInputNorm(layer.input_layernorm, group, sequence_parallel)
         layer.post_attention_layernorm = ParallelInputNorm(layer.post_attention_layernorm, group, sequence_parallel)
+        attn.tp_rank = rank  # its heads are this rank's: dropout draws from this rank's stream
         attn.q_proj = ColumnParallelLinear.from_full(attn.q_proj.weight.data, input_ready=True, **column)
         if cfg.num_key_value_heads % tp == 0:
             attn.k_proj = ColumnParallelLinear.from_full(attn.k_proj.weight.data, input_ready=True, **column)
