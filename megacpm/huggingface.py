@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import torch
 
-from megacpm.checkpoint.atomic import TMP_PREFIX, fsync_tree
+from megacpm.checkpoint.atomic import atomic_directory
 from megacpm.checkpoint.manager import CheckpointError
 from megacpm.config import Config, ModelConfig, load_config
 from megacpm.config.loader import config_from_dict
@@ -168,10 +167,7 @@ def write_hf_directory(directory: Path, cfg: ModelConfig, weights: Dict[str, tor
             current, size = {}, 0
         current[name], size = tensor, size + nbytes
     shards.append(current)
-    tmp = directory.with_name(f"{TMP_PREFIX}{directory.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, dtype, llama), indent=2))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -184,11 +180,6 @@ def write_hf_directory(directory: Path, cfg: ModelConfig, weights: Dict[str, tor
             total = sum(t.numel() * t.element_size() for t in named.values())
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        fsync_tree(tmp)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -20,8 +20,6 @@ the muP multipliers into the weights for transformers' own LlamaForCausalLM.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,7 +40,7 @@ def _parse_size(text: str) -> int:
 
 def hf_to_megacpm(args) -> str:
     from megacpm.checkpoint import save_weights
-    from megacpm.checkpoint.atomic import TMP_PREFIX, write_text_atomic
+    from megacpm.checkpoint.atomic import atomic_directory
     from megacpm.huggingface import model_config_from_hf, read_hf_weights
 
     model_cfg = model_config_from_hf(Path(args.input))
@@ -55,16 +53,10 @@ def hf_to_megacpm(args) -> str:
     if output.exists():
         raise CheckpointError(f"{output}: already exists")
     weights = read_hf_weights(Path(args.input), model_cfg)
-    tmp = output.with_name(f"{TMP_PREFIX}{output.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        cfg.run.dir, cfg.run.name = str(output), output.name
+    cfg.run.dir, cfg.run.name = str(output), output.name
+    with atomic_directory(output) as tmp:
         save_weights(tmp, cfg, weights)
-        write_text_atomic(tmp / "config.yaml", dump_yaml(cfg))
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "config.yaml").write_text(dump_yaml(cfg))
     params = sum(t.numel() for t in weights.values())
     return (f"wrote {output} ({params:,} parameters, step 0, weights only: training resumes with a fresh "
             f"optimizer); loads under any layout, e.g. tp {args.tp} x pp {args.pp}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from megacpm.checkpoint.atomic import TMP_PREFIX, fsync_tree
+from megacpm.checkpoint.atomic import TMP_PREFIX, atomic_directory
 from megacpm.checkpoint.manager import (LATEST, STEP_DIR, CheckpointError, checkpoints_dir, latest_checkpoint,
                                         read_trainer_state)
 
@@ -66,10 +66,7 @@ def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: 
     if not STEP_DIR.match(checkpoint.name):
         raise CheckpointError(f"{checkpoint}: not a checkpoints/step_N directory")
     parent_run = checkpoint.parent.parent
-    new_run.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_run.with_name(f"{TMP_PREFIX}{new_run.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(new_run) as tmp:
         _link_or_copy_tree(checkpoint, checkpoints_dir(tmp) / checkpoint.name)
         (checkpoints_dir(tmp) / LATEST).write_text(checkpoint.name)
         (tmp / "config.yaml").write_text(config_yaml)
@@ -77,11 +74,6 @@ def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: 
                    "step": int(meta["step"]), "tokens": int(meta["tokens"]),
                    "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
         (tmp / LINEAGE).write_text(json.dumps(lineage, indent=1))
-        fsync_tree(tmp)
-        os.rename(tmp, new_run)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return new_run
 
 
