@@ -96,19 +96,26 @@ class DistributedAdamW:
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
+        if not self.segments:
+            self._publish_params()
+            return
         self.step_count += 1
         beta1, beta2 = self.betas
         bias1 = 1 - beta1 ** self.step_count
         bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
-        for seg in self.segments:
-            sl = slice(seg.shard_start, seg.shard_start + seg.length)
-            master, m, v, grad = self.master[sl], self.exp_avg[sl], self.exp_avg_sq[sl], self._grad(seg)
-            seg_lr = lr * seg.lr_scale
-            master.mul_(1 - seg_lr * seg.weight_decay)
-            m.lerp_(grad, 1 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-            master.addcdiv_(m, denom, value=-seg_lr / bias1)
+        views = [slice(seg.shard_start, seg.shard_start + seg.length) for seg in self.segments]
+        masters = [self.master[v] for v in views]
+        ms, vs = [self.exp_avg[v] for v in views], [self.exp_avg_sq[v] for v in views]
+        grads = [self._grad(seg) for seg in self.segments]
+        # One fused kernel per operation over all segments (torch.optim.AdamW's foreach path).
+        torch._foreach_mul_(masters, [1 - lr * seg.lr_scale * seg.weight_decay for seg in self.segments])
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(masters, ms, denom, [-lr * seg.lr_scale / bias1 for seg in self.segments])
         self._publish_params()
 
     @torch.no_grad()
