@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -91,6 +92,54 @@ py::array_t<int64_t> build_sample_idx(const LengthArray& doc_lengths, const Orde
     return result;
 }
 
+// Blending: the quota method of Balinski and Young (1975). Sample n (a "house" of n + 1 seats) goes,
+// among the datasets still below their share weights[i] * (n + 1), to the one with the largest
+// weights[i] / (taken[i] + 1) (the first on ties). Every prefix then satisfies quota: each dataset
+// has taken floor or ceil of weights[i] * length, never a whole sample off; and the choice for a
+// prefix never depends on `size`.
+void fill_blending(const double* weights, int64_t num_datasets, int64_t size, int16_t* dataset_index,
+                   int64_t* dataset_sample_index) {
+    std::vector<int64_t> taken(num_datasets, 0);
+    for (int64_t n = 0; n < size; ++n) {
+        const double seats = static_cast<double>(n + 1);
+        int64_t best = -1;
+        double best_priority = -1.0;
+        for (int64_t i = 0; i < num_datasets; ++i) {
+            if (static_cast<double>(taken[i]) >= weights[i] * seats) {
+                continue;  // at its upper quota already
+            }
+            const double priority = weights[i] / static_cast<double>(taken[i] + 1);
+            if (priority > best_priority) {
+                best = i;
+                best_priority = priority;
+            }
+        }
+        dataset_index[n] = static_cast<int16_t>(best);
+        dataset_sample_index[n] = taken[best]++;
+    }
+}
+
+py::tuple build_blending_indices(const py::array_t<double, py::array::c_style | py::array::forcecast>& weights,
+                                 int64_t size) {
+    if (weights.ndim() != 1 || weights.shape(0) < 1 || weights.shape(0) > 32767) {
+        throw std::invalid_argument("build_blending_indices: weights must be 1-D with 1 to 32767 entries");
+    }
+    if (size < 0) {
+        throw std::invalid_argument("build_blending_indices: size must be >= 0");
+    }
+    const int64_t num_datasets = weights.shape(0);
+    py::array_t<int16_t> dataset_index(size);
+    py::array_t<int64_t> dataset_sample_index(size);
+    const double* w = weights.data();
+    int16_t* index_out = dataset_index.mutable_data();
+    int64_t* sample_out = dataset_sample_index.mutable_data();
+    {
+        py::gil_scoped_release release;
+        fill_blending(w, num_datasets, size, index_out, sample_out);
+    }
+    return py::make_tuple(dataset_index, dataset_sample_index);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -100,4 +149,7 @@ PYBIND11_MODULE(_C, m) {
           "Megatron GPT sample index: int64 [num_samples + 1, 2] of (position in doc_order, "
           "offset in document) for each sample's first token; num_samples = "
           "(total_tokens - 1) // seq_len.");
+    m.def("build_blending_indices", &build_blending_indices, py::arg("weights"), py::arg("size"),
+          "Mixture order: (int16 dataset of each sample, int64 index of that sample within its "
+          "dataset) for `size` samples; weights must be normalised.");
 }
