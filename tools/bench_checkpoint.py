@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Checkpoint save and load throughput, next to the disk's own sequential write and read speed.
 
-  python tools/bench_checkpoint.py                          # ~250M params: a ~3 GB checkpoint
+  python tools/bench_checkpoint.py                          # ~80M params: a ~1 GB checkpoint
+  python tools/bench_checkpoint.py --params-millions 250    # ~1 GB of fp32 weights, a 3 GB checkpoint
   python tools/bench_checkpoint.py --params-millions 50 --repeats 5
   python tools/bench_checkpoint.py --dir /mnt/fast --json   # on another filesystem, as JSON
   python tools/bench_checkpoint.py --model.num_hidden_layers=8   # any config override, applied last
@@ -16,6 +17,9 @@ One process builds a ParallelStep (ParallelContext.single(), fp32) of a MiniCPM 
                     buffer, flush, os.fsync
   disk read         the plain file read back (readinto a 64 MiB buffer)
   checkpoint load   megacpm.checkpoint.load_checkpoint of ``latest`` into the same ParallelStep
+  background save   save_checkpoint_async (checkpoint.async_save): how long the training loop is
+                    held (the host copy), the time to the published checkpoint, and the time of a
+                    small training step alone and while the write runs
 
 Reads happen twice. "warm": right after the writes, with both files still in the page cache (the
 same cache state for both, so the ratio compares software paths, not the device). "cold": after
@@ -25,12 +29,15 @@ alike.
 
 Each repeat writes a fresh checkpoint and a fresh plain file and deletes both before the next one;
 the median of the repeats is reported. GB/s are decimal (1e9 bytes per second). Everything goes into
-a new temporary directory (under --dir, default the system temp dir, /tmp), removed at the end
-unless --keep.
+a new temporary directory (under --dir, default the system temp dir, /tmp), removed at the end;
+--keep leaves it with the last repeat's checkpoint (run/checkpoints/) and plain file.
 
-On 2 CPU cores and a virtual disk writing ~0.3 GB/s, the default (250M parameters, 3 repeats) runs
-in about a minute and a half, most of it writing 2 x 3 GB per repeat; --params-millions 100 takes
-about 40 s.
+The default size is 80M parameters (a ~1 GB checkpoint), not 250M (1 GB of weights, a 3 GB
+checkpoint): on the 2-core development VM, building the 250M model takes only ~7 s, but each repeat
+then writes 2 x 3 GB and reads them twice, and the whole run took 1.5 to 2 minutes; at 80M it takes
+30 s when the machine is quiet, up to 75 s when other work shares its cores. The vocabulary is
+fixed at 32768, so the smallest model is ~9M parameters (one layer of hidden 256). Timings on a
+shared virtual machine are noisy: the table shows the spread (min-max) next to the median.
 """
 from __future__ import annotations
 
@@ -48,7 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from megacpm.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from megacpm.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,  # noqa: E402
+                                save_checkpoint_async)
 from megacpm.config import ConfigError, load_config, validate  # noqa: E402
 from megacpm.model import count_parameters  # noqa: E402
 from megacpm.parallel.context import ParallelContext  # noqa: E402
@@ -158,7 +166,7 @@ def timed(fn):
 
 
 # -- the benchmark -------------------------------------------------------------------------------
-def measure(cfg, work: Path, repeats: int, log) -> dict:
+def measure(cfg, work: Path, repeats: int, log, keep: bool = False) -> dict:
     counts = count_parameters(cfg.model)
     log(f"building the model: {counts['total'] / 1e6:.1f}M parameters ...")
     build_s, step = timed(lambda: ParallelStep(cfg, ParallelContext.single(),
@@ -197,11 +205,14 @@ def measure(cfg, work: Path, repeats: int, log) -> dict:
             for name, expected in probe.items():
                 assert torch.equal(params[name], expected), f"{name}: loaded values differ from the saved ones"
         log(f"repeat {k}/{repeats}: " + ", ".join(f"{op} {seconds[op][-1]:.2f} s" for op in OPERATIONS))
-        plain.unlink()
-        shutil.rmtree(path)
+        if not (keep and k == repeats):
+            plain.unlink()
+            shutil.rmtree(path)
 
+    background = measure_background_save(cfg, step, work / "run-async", repeats, log)
     payload = 12 * counts["total"]
     result = {
+        "background_save": background,
         "params": counts["total"],
         "model": {key: getattr(cfg.model, key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                            "num_attention_heads", "num_key_value_heads", "vocab_size")},
@@ -229,6 +240,31 @@ def measure(cfg, work: Path, repeats: int, log) -> dict:
     return result
 
 
+def measure_background_save(cfg, step, run_dir: Path, repeats: int, log) -> dict:
+    """checkpoint.async_save: how long the training loop is held (the host copy), how long the
+    background write takes, and how much the steps taken meanwhile slow down (they share the CPU
+    and memory bandwidth with the writer)."""
+    batch = torch.randint(0, cfg.model.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
+    step.step(batch, 0.0)  # warm-up
+    baseline = [timed(lambda: step.step(batch, 0.0))[0] for _ in range(3)]
+    stalls, totals, during = [], [], []
+    for k in range(1, repeats + 1):
+        start = time.perf_counter()
+        pending = save_checkpoint_async(run_dir, cfg, step, TrainerState(step=k, optimizer_steps=step.optimizer_steps))
+        stalls.append(time.perf_counter() - start)
+        while not pending.done():
+            during.append(timed(lambda: step.step(batch, 0.0))[0])
+        pending.finish()
+        totals.append(time.perf_counter() - start)
+        log(f"background save {k}/{repeats}: loop held {stalls[-1]:.2f} s, written in {totals[-1]:.2f} s, "
+            f"{len(during)} steps so far alongside")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    step_s = statistics.median(baseline)
+    return {"stall_s": statistics.median(stalls), "total_s": statistics.median(totals),
+            "step_s": step_s, "step_s_during_write": statistics.median(during) if during else None,
+            "steps_during_write": len(during), "all_stall_s": stalls, "all_total_s": totals}
+
+
 def print_table(r: dict) -> None:
     m = r["model"]
     print(f"model  {r['params'] / 1e6:.1f}M params fp32 ({r['params']:,}): hidden {m['hidden_size']}, "
@@ -239,25 +275,35 @@ def print_table(r: dict) -> None:
     print(f"where  {r['dir']} ({r['filesystem']}); median of {r['repeats']}; GB = 1e9 bytes")
     print(f"cache  {r['cache']}")
     print()
-    print(f"{'operation':<33} {'bytes':>15} {'seconds':>8} {'GB/s':>7}")
+    print(f"{'operation':<33} {'bytes':>15} {'seconds':>8} {'GB/s':>7}  {'min-max s':>12}")
     for op in OPERATIONS:
         row = r[op]
-        print(f"{LABELS[op]:<33} {row['bytes']:>15,} {row['seconds']:>8.2f} {row['GBps']:>7.3f}")
+        spread = f"{min(row['all_seconds']):.2f}-{max(row['all_seconds']):.2f}"
+        print(f"{LABELS[op]:<33} {row['bytes']:>15,} {row['seconds']:>8.2f} {row['GBps']:>7.3f}  {spread:>12}")
     print()
     for name, value in r["ratios"].items():
         print(f"{name:<45} {value:.2f}")
+    b = r["background_save"]
+    print()
+    print(f"background save (checkpoint.async_save): the loop is held {b['stall_s']:.2f} s "
+          f"({b['stall_s'] / r['checkpoint_save']['seconds']:.2f} x the synchronous save's "
+          f"{r['checkpoint_save']['seconds']:.2f} s); written in {b['total_s']:.2f} s")
+    if b["step_s_during_write"] is not None:
+        print(f"  a training step (1 x 64 tokens) takes {b['step_s']:.3f} s alone, {b['step_s_during_write']:.3f} s "
+              f"while the write runs ({b['steps_during_write']} steps measured)")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--params-millions", type=float, default=250.0,
-                        help="model size in millions of parameters (default 250: ~1 GB of fp32 weights)")
+    parser.add_argument("--params-millions", type=float, default=80.0,
+                        help="model size in millions of parameters (default 80: a ~1 GB checkpoint; "
+                             "250 gives ~1 GB of fp32 weights, a 3 GB checkpoint)")
     parser.add_argument("--dir", default=None,
                         help="where the files go: a new temporary directory is made inside it (default: /tmp)")
     parser.add_argument("--repeats", type=int, default=3, help="measured repeats, median reported (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (and its run/config)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory with the last repeat's checkpoint and plain file")
     args, overrides = parser.parse_known_args(argv)
     if args.params_millions <= 0 or args.repeats < 1:
         parser.error("--params-millions must be > 0 and --repeats >= 1")
@@ -274,7 +320,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="megacpm-bench-ckpt-", dir=args.dir))
     log = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else (lambda text: print(text, flush=True))
     try:
-        result = measure(cfg, work, args.repeats, log)
+        result = measure(cfg, work, args.repeats, log, keep=args.keep)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
