@@ -2,11 +2,13 @@
 tokens -> train/validation document split -> seeded GPT sample streams.
 
 Entry points: ``build_datasets(data_cfg, vocab_size, seq_len, seed)`` and
-``get_batch(dataset, start, count)``; every user-facing problem raises ``DataError``.
+``get_batch(dataset, start, count)``; ``IndexedDataset`` / ``IndexedDatasetWriter`` read and write
+Megatron-LM's .bin/.idx corpora. Every user-facing problem raises ``DataError``.
 """
 from megacpm.data.build import DataBundle, build_datasets
 from megacpm.data.errors import DataError
 from megacpm.data.gpt_dataset import GPTSampleDataset, get_batch
+from megacpm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megacpm.data.tokenizer import EOD_ID, EOD_TOKEN
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "EOD_ID",
     "EOD_TOKEN",
     "GPTSampleDataset",
+    "IndexedDataset",
+    "IndexedDatasetWriter",
     "build_datasets",
     "get_batch",
 ]
