@@ -83,6 +83,9 @@ class GradBuffer:
         length = end - start
         return start + -(-length // self.dp) * self.dp
 
+    def bucket_of(self, param: nn.Parameter) -> Bucket:
+        return self._bucket_of[id(param)]
+
     def owned_range(self, bucket: Bucket, rank: int):
         """(start, end) buffer offsets of ``rank``'s slice of a bucket under ZeRO-1."""
         shard = (bucket.end - bucket.start) // self.dp

@@ -68,6 +68,9 @@ class DistributedAdamW:
                 self.segments.append(Segment(param, lo - p_start, hi - p_start, lo, shard_len, lr_scale,
                                              weight_decay))
                 shard_len += hi - lo
+        self._bucket_segments: Dict[int, List[Segment]] = {b.index: [] for b in grad_buffer.buckets}
+        for seg in self.segments:
+            self._bucket_segments[grad_buffer.bucket_of(seg.param).index].append(seg)
         device = grad_buffer.buffer.device
         self.master = torch.empty(shard_len, dtype=torch.float32, device=device)
         for seg in self.segments:  # from the parameters as initialised (Megatron's order: cast, then copy)
@@ -126,14 +129,19 @@ class DistributedAdamW:
                 seg.param.view(-1)[seg.param_start:seg.param_end] = \
                     self.master[seg.shard_start:seg.shard_start + seg.length]
             return
-        flat = self._flat(self.master)
+        # Bucket by bucket (a parameter never straddles two), so the fp32 staging is one bucket,
+        # not a second copy of the whole gradient buffer.
         for bucket in self.buffer.buckets:
-            shards = [flat[slice(*self.buffer.owned_range(bucket, r))] for r in range(self.buffer.dp)]
-            mine = shards[self.rank].clone()
-            dist.all_gather(shards, mine, group=self.group)
-        for param in self.buffer.params:
-            start = self.buffer.offsets[id(param)]
-            param.data.copy_(flat[start:start + param.numel()].view_as(param))
+            staging = torch.zeros(bucket.end - bucket.start, dtype=torch.float32, device=self.master.device)
+            for seg in self._bucket_segments[bucket.index]:
+                start = seg.buffer_start - bucket.start
+                staging[start:start + seg.length] = self.master[seg.shard_start:seg.shard_start + seg.length]
+            shards = [staging[lo - bucket.start:hi - bucket.start]
+                      for lo, hi in (self.buffer.owned_range(bucket, r) for r in range(self.buffer.dp))]
+            dist.all_gather(shards, shards[self.rank].clone(), group=self.group)
+            for param in bucket.params:
+                start = self.buffer.offsets[id(param)] - bucket.start
+                param.data.copy_(staging[start:start + param.numel()].view_as(param))
 
     def _flat(self, shard: torch.Tensor) -> torch.Tensor:
         """A buffer-shaped fp32 tensor holding this rank's slices of ``shard`` (zeros elsewhere)."""
