@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
+from megacpm.checkpoint.atomic import fsync_dir, tmp_sibling
 from megacpm.data.build import UINT16_VOCAB_LIMIT
 from megacpm.data.errors import DataError
 
@@ -224,15 +225,6 @@ class IndexedDataset:
         return f"IndexedDataset({self.prefix!r}: {len(self)} sequences, {documents} documents, {self.dtype})"
 
 
-def _atomic():
-    """megacpm.checkpoint.atomic (temporary names, fsync), imported on the first write only: importing
-    the checkpoint package loads torch.distributed.checkpoint and the trainer (about a second),
-    which readers of indexed datasets never need."""
-    from megacpm.checkpoint import atomic
-
-    return atomic
-
-
 class IndexedDatasetWriter:
     """Writes PREFIX.bin / PREFIX.idx; use as a context manager.
 
@@ -247,7 +239,7 @@ class IndexedDatasetWriter:
         self.vocab_size = int(vocab_size)
         self.dtype = dtype_for_vocab(self.vocab_size)
         self._final = (data_path(prefix), index_path(prefix))
-        self._tmp = tuple(_atomic().tmp_sibling(path) for path in self._final)
+        self._tmp = tuple(tmp_sibling(path) for path in self._final)
         self._lengths = array("i")  # int32, as in the index: 4 bytes per sequence held in memory
         self._document_indices = array("q", [0])
         self._closed = False
@@ -351,4 +343,4 @@ class IndexedDatasetWriter:
         # the two corpora happen to have the same size.
         for tmp, final in zip(self._tmp, self._final):
             os.replace(tmp, final)
-        _atomic().fsync_dir(self._final[0].parent)
+        fsync_dir(self._final[0].parent)
