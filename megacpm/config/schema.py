@@ -117,6 +117,9 @@ class ScheduleConfig:
     min_lr: Optional[float] = None  # floor; None: 0 for wsd, 0.1 * lr for cosine
 
 
+DATA_SOURCES = ("embedded", "text", "megatron")
+
+
 @dataclass
 class DataConfig:
     """Where the tokens come from.
@@ -124,6 +127,8 @@ class DataConfig:
     ``source: embedded`` is the built-in corpus (the Python standard library's own sources and
     docstrings, which exist on every machine) with a BPE tokenizer trained on it and cached.
     ``source: text`` reads UTF-8 text files from ``path`` (a file or a directory).
+    ``source: megatron`` reads a Megatron indexed dataset, ``path`` being its prefix (PREFIX.bin and
+    PREFIX.idx, e.g. from tools/preprocess_data.py --append-eod), memory-mapped.
     """
 
     source: str = "embedded"

@@ -8,11 +8,10 @@ import os
 from typing import Optional
 
 from megacpm.config.loader import ConfigError
-from megacpm.config.schema import Config
+from megacpm.config.schema import DATA_SOURCES, Config
 
 SCHEDULE_KINDS = ("wsd", "cosine", "constant")
 DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt")
-DATA_SOURCES = ("embedded", "text")
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -167,11 +166,13 @@ def validate_schedule(cfg: Config) -> None:
 def validate_data(cfg: Config) -> None:
     d = cfg.data
     _one_of("data.source", d.source, DATA_SOURCES)
-    if d.source == "text":
+    if d.source in ("text", "megatron"):
         if not d.path:
-            raise ConfigError("data.path: required when data.source is 'text'")
-        if not os.path.exists(d.path):
-            raise ConfigError(f"data.path: {d.path} does not exist")
+            raise ConfigError(f"data.path: required when data.source is '{d.source}'")
+        needed = [f"{d.path}.idx", f"{d.path}.bin"] if d.source == "megatron" else [d.path]
+        for path in needed:
+            if not os.path.exists(path):
+                raise ConfigError(f"data.path: {path} does not exist")
     if d.tokenizer is not None and not os.path.isfile(d.tokenizer):
         raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file")
     if not 0.0 < d.val_fraction < 0.5:

@@ -13,12 +13,12 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from megacpm.config.schema import DataConfig
+from megacpm.config.schema import DATA_SOURCES, DataConfig
 from megacpm.data.cache import cache_key, resolve_cache_dir, save_npy_atomic
 from megacpm.data.corpus import Corpus, text_corpus
 from megacpm.data.embedded import embedded_corpus
@@ -26,7 +26,6 @@ from megacpm.data.errors import DataError
 from megacpm.data.gpt_dataset import GPTSampleDataset
 from megacpm.data.tokenizer import LoadedTokenizer, id_space_size, load_given_tokenizer, load_or_train_tokenizer
 
-DATA_SOURCES = ("embedded", "text")
 
 # Seeds the choice of validation documents. A constant on purpose: see the module doc.
 VALIDATION_SPLIT_SEED = 20240401
@@ -38,8 +37,8 @@ UINT16_VOCAB_LIMIT = 1 << 16
 class DataBundle:
     train: GPTSampleDataset
     valid: GPTSampleDataset
-    tokenizer: Tokenizer
-    eod_id: int  # the end-of-document token appended to every document
+    tokenizer: Optional[Tokenizer]  # None for a pre-tokenized (Megatron) corpus
+    eod_id: Optional[int]  # the end-of-document token appended to every document (None: the corpus has its own)
     tokenizer_vocab_size: int  # largest token id + 1; may be below model.vocab_size
     train_tokens: int  # tokens in each split's stream, end-of-document tokens included
     valid_tokens: int
@@ -126,8 +125,46 @@ def gather_documents(tokens: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarra
     return (np.concatenate(pieces) if pieces else tokens[:0]), new_offsets
 
 
+def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
+    """Refuse token ids the model cannot embed (one pass over the corpus, in chunks)."""
+    if np.iinfo(tokens.dtype).max < vocab_size:
+        return  # the dtype cannot hold an id that large
+    for start in range(0, len(tokens), chunk):
+        top = int(tokens[start:start + chunk].max())
+        if top >= vocab_size:
+            raise DataError(f"{where}: holds token id {top}, outside model.vocab_size {vocab_size}")
+
+
+def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
+    """Sample streams over a Megatron indexed dataset (tools/preprocess_data.py --append-eod), used in
+    place: memory-mapped, split by documents, nothing copied."""
+    from megacpm.data.indexed_dataset import IndexedDataset
+
+    corpus = IndexedDataset(data_cfg.path)
+    tokens = corpus.tokens
+    _check_token_ids(tokens, vocab_size, f"{data_cfg.path}.bin")
+    starts, lengths = corpus.document_spans()
+    if len(starts) < 2:
+        raise DataError(f"{data_cfg.path}: {len(starts)} document(s); need at least 2 (one is held out for validation)")
+    is_valid = np.zeros(len(starts), dtype=bool)
+    is_valid[validation_doc_ids(lengths, data_cfg.val_fraction)] = True
+    splits = {}
+    for split, doc_ids in (("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid))):
+        try:
+            splits[split] = GPTSampleDataset.over_documents(tokens, starts[doc_ids], lengths[doc_ids],
+                                                            seq_len=seq_len, seed=seed, split=split)
+        except ValueError as exc:
+            raise DataError(f"data: {data_cfg.path}: {exc}; use a larger corpus or change data.val_fraction") from None
+    return DataBundle(train=splits["train"], valid=splits["valid"], tokenizer=None, eod_id=None,
+                      tokenizer_vocab_size=vocab_size, train_tokens=splits["train"].num_tokens,
+                      valid_tokens=splits["valid"].num_tokens, train_docs=splits["train"].num_docs,
+                      valid_docs=splits["valid"].num_docs)
+
+
 def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
     """The train and validation sample streams of data_cfg for a model with vocab_size tokens."""
+    if data_cfg.source == "megatron":
+        return megatron_datasets(data_cfg, vocab_size, seq_len, seed)
     corpus = open_corpus(data_cfg)
     cache_dir = resolve_cache_dir(data_cfg.cache_dir)
     # Read at most once, and only when the tokenizer or the tokens are not cached.

@@ -58,8 +58,31 @@ class GPTSampleDataset:
         self.doc_lengths = (raw_lengths + 1).astype(np.int32)  # + the end-of-document token
         self.doc_starts = doc_offsets[:-1] + np.arange(len(raw_lengths), dtype=np.int64)
         self.tokens = self._append_eod(np.asarray(tokens), doc_offsets, self.eod_id)
-        self.num_docs = len(raw_lengths)
-        self.num_tokens = len(self.tokens)
+        self._finish_init()
+
+    @classmethod
+    def over_documents(cls, tokens: np.ndarray, doc_starts: np.ndarray, doc_lengths: np.ndarray, *, seq_len: int,
+                       seed: int, split: str) -> "GPTSampleDataset":
+        """Documents used in place: ``tokens`` may be a memory-mapped corpus (a Megatron indexed
+        dataset, never copied) whose documents already end with their end-of-document token;
+        document d is tokens[doc_starts[d] : doc_starts[d] + doc_lengths[d]], in any order."""
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self = cls.__new__(cls)
+        self.seq_len, self.seed, self.split, self.eod_id = int(seq_len), int(seed), split, None
+        self._split_code = zlib.crc32(split.encode("utf-8"))
+        self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
+        self.doc_lengths = np.asarray(doc_lengths, dtype=np.int32)
+        self.tokens = tokens
+        self._finish_init(num_tokens=int(self.doc_lengths.sum(dtype=np.int64)))
+        return self
+
+    def _finish_init(self, num_tokens: Optional[int] = None) -> None:
+        split = self.split
+        self.num_docs = len(self.doc_lengths)
+        self.num_tokens = len(self.tokens) if num_tokens is None else num_tokens
         # Independent of the document order, so known without building an epoch.
         self.samples_per_epoch = (self.num_tokens - 1) // self.seq_len
         if self.samples_per_epoch < 1:

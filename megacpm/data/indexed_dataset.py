@@ -174,6 +174,21 @@ class IndexedDataset:
         return self._index.dtype
 
     @property
+    def tokens(self) -> np.ndarray:
+        """Every token of the .bin file as one 1-D array in the file's dtype (a view of the memmap)."""
+        usable = len(self._bin) - len(self._bin) % self.dtype.itemsize
+        return self._bin[:usable].view(self.dtype)
+
+    def document_spans(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(first token, token count) of each document, in tokens of ``self.tokens``; a document's
+        sequences lie back to back, as every writer of the format lays them out."""
+        firsts = self.document_indices[:-1]
+        lengths = self.sequence_lengths.astype(np.int64)
+        ends = np.concatenate([[0], np.cumsum(lengths)])
+        starts = self.sequence_pointers[np.minimum(firsts, len(self) - 1)] // self.dtype.itemsize if len(self) else firsts
+        return np.asarray(starts, dtype=np.int64), ends[self.document_indices[1:]] - ends[firsts]
+
+    @property
     def sequence_lengths(self) -> np.ndarray:
         """int32 [len(self)]: tokens per sequence."""
         return self._index.sequence_lengths
