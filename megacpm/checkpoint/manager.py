@@ -52,8 +52,13 @@ class CheckpointError(RuntimeError):
 class TrainerState:
     step: int = 0  # training steps completed
     optimizer_steps: int = 0  # AdamW's step count (bias correction)
-    consumed_samples: int = 0  # position in the global sample stream
+    consumed_samples: int = 0  # samples consumed since the run began (all data configs)
     tokens: int = 0  # training tokens consumed
+    # The data position: the current data config (its signature) started at sample data_start of
+    # the run, so its stream is at consumed_samples - data_start. A branch with a new mixture
+    # starts that mixture's stream from its beginning.
+    data_start: int = 0
+    data_signature: str = ""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -298,7 +303,8 @@ def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_opti
     except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
         raise CheckpointError(f"{rng_path}: missing or corrupted") from None
     return TrainerState(step=int(meta["step"]), optimizer_steps=int(meta["optimizer_steps"]),
-                        consumed_samples=int(meta["consumed_samples"]), tokens=int(meta["tokens"]))
+                        consumed_samples=int(meta["consumed_samples"]), tokens=int(meta["tokens"]),
+                        data_start=int(meta.get("data_start", 0)), data_signature=str(meta.get("data_signature", "")))
 
 
 def read_weights(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:

@@ -133,6 +133,9 @@ class DataConfig:
 
     source: str = "embedded"
     path: Optional[str] = None
+    # source megatron only: several prefixes and their weights, {prefix: weight} (instead of path);
+    # sample i of the mixture comes from the dataset furthest below its share (megacpm.data.blending).
+    mixture: Optional[Dict[str, float]] = None
     tokenizer: Optional[str] = None  # a tokenizers JSON file; None trains one on the corpus (cached)
     cache_dir: Optional[str] = None  # None: $MEGACPM_CACHE or ~/.cache/megacpm
     val_fraction: float = 0.02  # documents held out for validation

@@ -166,7 +166,19 @@ def validate_schedule(cfg: Config) -> None:
 def validate_data(cfg: Config) -> None:
     d = cfg.data
     _one_of("data.source", d.source, DATA_SOURCES)
-    if d.source in ("text", "megatron"):
+    if d.mixture is not None:
+        if d.source != "megatron" or d.path:
+            raise ConfigError("data.mixture: needs data.source megatron and replaces data.path (give one of them)")
+        weights = list(d.mixture.values())
+        if not d.mixture or any(not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0 for w in weights) \
+                or sum(weights) <= 0:
+            raise ConfigError(f"data.mixture: expected {{prefix: weight}} with weights >= 0 and a positive sum, "
+                              f"got {d.mixture!r}")
+        for prefix in d.mixture:
+            for path in (f"{prefix}.idx", f"{prefix}.bin"):
+                if not os.path.exists(path):
+                    raise ConfigError(f"data.mixture: {path} does not exist")
+    elif d.source in ("text", "megatron"):
         if not d.path:
             raise ConfigError(f"data.path: required when data.source is '{d.source}'")
         needed = [f"{d.path}.idx", f"{d.path}.bin"] if d.source == "megatron" else [d.path]

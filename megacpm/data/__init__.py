@@ -5,7 +5,7 @@ Entry points: ``build_datasets(data_cfg, vocab_size, seq_len, seed)`` and
 ``get_batch(dataset, start, count)``; ``IndexedDataset`` / ``IndexedDatasetWriter`` read and write
 Megatron-LM's .bin/.idx corpora. Every user-facing problem raises ``DataError``.
 """
-from megacpm.data.build import DataBundle, build_datasets
+from megacpm.data.build import DataBundle, build_datasets, data_signature
 from megacpm.data.errors import DataError
 from megacpm.data.gpt_dataset import GPTSampleDataset, get_batch
 from megacpm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
@@ -20,5 +20,6 @@ __all__ = [
     "IndexedDataset",
     "IndexedDatasetWriter",
     "build_datasets",
+    "data_signature",
     "get_batch",
 ]

@@ -58,3 +58,32 @@ def build_blending_indices(weights: Sequence[float], size: int) -> Tuple[np.ndar
     if size < 0:
         raise ValueError("build_blending_indices: size must be >= 0")
     return _cpp.build_blending_indices(normalized_weights(weights), int(size))
+
+
+class BlendedDataset:
+    """A mixture of sample streams: sample i is sample ``dataset_sample_index[i]`` of dataset
+    ``dataset_index[i]`` (the quota order above), for any i >= 0. The order is built on demand,
+    doubling, which the order's prefix stability makes invisible."""
+
+    def __init__(self, datasets: Sequence, weights: Sequence[float]):
+        if len(datasets) != len(weights) or not datasets:
+            raise ValueError("BlendedDataset: one weight per dataset, at least one dataset")
+        self.datasets = list(datasets)
+        self.weights = normalized_weights(weights)
+        self.seq_len = self.datasets[0].seq_len
+        self._built = 0
+        self._order: Tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.int16), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        """Samples of one pass over the smallest share (the stream itself is infinite)."""
+        return int(min(len(d) / w for d, w in zip(self.datasets, self.weights) if w > 0))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i < 0:
+            raise IndexError(f"sample index must be >= 0, got {i}")
+        if i >= self._built:
+            self._built = max(i + 1, 2 * self._built, 4096)
+            self._order = build_blending_indices(self.weights, self._built)
+        return self.datasets[int(self._order[0][i])][int(self._order[1][i])]
+

@@ -9,8 +9,10 @@ validation_doc_ids): changing train.seed never moves a document between splits.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -35,8 +37,8 @@ UINT16_VOCAB_LIMIT = 1 << 16
 
 @dataclass
 class DataBundle:
-    train: GPTSampleDataset
-    valid: GPTSampleDataset
+    train: "GPTSampleDataset | BlendedDataset"  # get_batch reads either
+    valid: "GPTSampleDataset | BlendedDataset"
     tokenizer: Optional[Tokenizer]  # None for a pre-tokenized (Megatron) corpus
     eod_id: Optional[int]  # the end-of-document token appended to every document (None: the corpus has its own)
     tokenizer_vocab_size: int  # largest token id + 1; may be below model.vocab_size
@@ -135,30 +137,50 @@ def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int
             raise DataError(f"{where}: holds token id {top}, outside model.vocab_size {vocab_size}")
 
 
-def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
-    """Sample streams over a Megatron indexed dataset (tools/preprocess_data.py --append-eod), used in
-    place: memory-mapped, split by documents, nothing copied."""
+def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int):
+    """(train, valid) sample streams of one Megatron indexed dataset, used in place."""
     from megacpm.data.indexed_dataset import IndexedDataset
 
-    corpus = IndexedDataset(data_cfg.path)
+    corpus = IndexedDataset(prefix)
     tokens = corpus.tokens
-    _check_token_ids(tokens, vocab_size, f"{data_cfg.path}.bin")
+    _check_token_ids(tokens, vocab_size, f"{prefix}.bin")
     starts, lengths = corpus.document_spans()
     if len(starts) < 2:
-        raise DataError(f"{data_cfg.path}: {len(starts)} document(s); need at least 2 (one is held out for validation)")
+        raise DataError(f"{prefix}: {len(starts)} document(s); need at least 2 (one is held out for validation)")
     is_valid = np.zeros(len(starts), dtype=bool)
     is_valid[validation_doc_ids(lengths, data_cfg.val_fraction)] = True
-    splits = {}
+    splits = []
     for split, doc_ids in (("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid))):
         try:
-            splits[split] = GPTSampleDataset.over_documents(tokens, starts[doc_ids], lengths[doc_ids],
-                                                            seq_len=seq_len, seed=seed, split=split)
+            splits.append(GPTSampleDataset.over_documents(tokens, starts[doc_ids], lengths[doc_ids],
+                                                          seq_len=seq_len, seed=seed, split=split))
         except ValueError as exc:
-            raise DataError(f"data: {data_cfg.path}: {exc}; use a larger corpus or change data.val_fraction") from None
-    return DataBundle(train=splits["train"], valid=splits["valid"], tokenizer=None, eod_id=None,
-                      tokenizer_vocab_size=vocab_size, train_tokens=splits["train"].num_tokens,
-                      valid_tokens=splits["valid"].num_tokens, train_docs=splits["train"].num_docs,
-                      valid_docs=splits["valid"].num_docs)
+            raise DataError(f"data: {prefix}: {exc}; use a larger corpus or change data.val_fraction") from None
+    return splits
+
+
+def data_signature(data_cfg: DataConfig) -> str:
+    """What defines the sample stream (not where caches live): a run whose data config changes
+    (a branch with a new mixture) starts the new stream from its beginning."""
+    defining = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k != "cache_dir"}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
+    """Sample streams over Megatron indexed datasets (tools/preprocess_data.py --append-eod), used in
+    place (memory-mapped, split by documents, nothing copied): one prefix, or a weighted mixture whose
+    train and validation streams are blended with the same weights."""
+    from megacpm.data.blending import BlendedDataset
+
+    mixture = data_cfg.mixture or {data_cfg.path: 1.0}
+    parts = [_indexed_splits(prefix, data_cfg, vocab_size, seq_len, seed) for prefix in mixture]
+    weights = list(mixture.values())
+    train, valid = ([p[k] for p in parts] for k in (0, 1))
+    stream = (lambda datasets: datasets[0]) if len(parts) == 1 else (lambda datasets: BlendedDataset(datasets, weights))
+    return DataBundle(train=stream(train), valid=stream(valid), tokenizer=None, eod_id=None,
+                      tokenizer_vocab_size=vocab_size, train_tokens=sum(d.num_tokens for d in train),
+                      valid_tokens=sum(d.num_tokens for d in valid), train_docs=sum(d.num_docs for d in train),
+                      valid_docs=sum(d.num_docs for d in valid))
 
 
 def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:

@@ -28,7 +28,7 @@ from megacpm.checkpoint import (PendingSave, TrainerState, latest_checkpoint, lo
                                 save_checkpoint_async)
 from megacpm.checkpoint.atomic import write_text_atomic
 from megacpm.config import Config, dump_yaml
-from megacpm.data import DataBundle, DataError, build_datasets, get_batch
+from megacpm.data import DataBundle, DataError, build_datasets, data_signature, get_batch
 from megacpm.optim import LRSchedule
 from megacpm.parallel.comm_stats import CommAccounting
 from megacpm.parallel.context import ParallelContext
@@ -127,7 +127,7 @@ class Trainer:
     def train_step(self, step: int) -> Dict[str, float]:
         """One optimizer step on the next global batch. Returns loss, grad norm and LR (global)."""
         t = self.cfg.train
-        samples = get_batch(self.data.train, self.state.consumed_samples, t.global_batch_size)
+        samples = self.next_batch()
         lr = self.schedule(step)
         loss, grad_norm = self.step_fn.step(samples, lr)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -143,6 +143,11 @@ class Trainer:
         self.state.tokens += int((samples[:, 1:] != IGNORE_INDEX).sum())
         return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
 
+    def next_batch(self):
+        """The global batch of the coming step: the current data config's stream at its position."""
+        position = self.state.consumed_samples - self.state.data_start
+        return get_batch(self.data.train, position, self.cfg.train.global_batch_size)
+
     def evaluate(self) -> float:
         """Mean token loss on the first eval_batches * micro_batch_size validation samples (the same
         samples, and so the same value, under every layout)."""
@@ -154,9 +159,15 @@ class Trainer:
     # -- the run --------------------------------------------------------------------------------
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
+        signature = data_signature(self.cfg.data)
         if checkpoint is not None:
             self.state = load_checkpoint(checkpoint, self.cfg, self.step_fn)
             self._message(f"resumed from {checkpoint} (step {self.state.step})")
+            if self.state.data_signature and self.state.data_signature != signature:
+                self.state.data_start = self.state.consumed_samples
+                self._message(f"the data config differs from the checkpoint's: its stream starts at step "
+                              f"{self.state.step + 1} from its first sample")
+        self.state.data_signature = signature
 
     def _save(self, background: bool = False) -> Path:
         """Checkpoint the current step (after publishing any save still in flight)."""

@@ -65,3 +65,49 @@ def test_training_on_a_megatron_corpus_through_the_cli(tmp_path):
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
     missing = run_cli(*args[:3], "--data.source=megatron", f"--data.path={tmp_path / 'nothing'}")
     assert missing.returncode == 2 and "nothing.idx does not exist" in missing.stderr
+
+
+def test_a_mixture_blends_the_datasets_by_weight(tmp_path):
+    write_corpus(tmp_path / "a", seed=1)
+    write_corpus(tmp_path / "b", seed=2)
+    cfg = load_config("tiny", ["--data.source=megatron", f"--model.vocab_size={VOCAB}", "--data.val_fraction=0.1",
+                               f"--data.mixture={{{tmp_path / 'a'}: 3, {tmp_path / 'b'}: 1}}"])
+    data = build_datasets(cfg.data, vocab_size=VOCAB, seq_len=32, seed=1)
+    single_a = build_datasets(config(tmp_path / "a").data, vocab_size=VOCAB, seq_len=32, seed=1).train
+    single_b = build_datasets(config(tmp_path / "b").data, vocab_size=VOCAB, seq_len=32, seed=1).train
+    batch = get_batch(data.train, 0, 8).numpy()
+    # The quota order for weights 3:1 (worked by hand: b becomes eligible first at the 4th sample,
+    # a ties b at the 3rd and wins as the first) is a, a, a, b, a, a, a, b; each sample is that
+    # dataset's next one.
+    taken = {"a": 0, "b": 0}
+    for row, name in zip(batch, ["a", "a", "a", "b", "a", "a", "a", "b"]):
+        source = single_a if name == "a" else single_b
+        assert np.array_equal(row, source[taken[name]]), name
+        taken[name] += 1
+
+
+@pytest.mark.slow
+def test_a_branch_switches_the_mixture_at_its_first_step(tmp_path, capfd):
+    from megacpm.data.blending import build_blending_indices
+    from megacpm.train.trainer import Trainer
+
+    write_corpus(tmp_path / "a", documents=200, seed=1)
+    write_corpus(tmp_path / "b", documents=200, seed=2)
+    common = ["--data.source=megatron", f"--model.vocab_size={VOCAB}", "--model.hidden_size=64",
+              "--model.intermediate_size=160", "--model.num_hidden_layers=2", "--model.dim_model_base=16",
+              "--train.seq_len=32", "--train.global_batch_size=8", "--train.micro_batch_size=4",
+              "--train.eval_batches=1", "--log.tensorboard=false", "--log.progress=false"]
+    parent = tmp_path / "parent"
+    assert run_cli("train", "tiny", f"--run.dir={parent}", f"--data.path={tmp_path / 'a'}", "--train.steps=3",
+                   *common).returncode == 0
+    branch = tmp_path / "branch"
+    result = run_cli("branch", parent, branch, "--data.path=", f"--data.mixture={{{tmp_path / 'b'}: 1}}",
+                     "--train.steps=5")
+    assert result.returncode == 0, result.stderr
+    cfg = load_config(str(branch))
+    trainer = Trainer(cfg, print_fn=lambda text: None)
+    trainer._resume()
+    assert trainer.state.consumed_samples == 24 and trainer.state.data_start == 24
+    expected = get_batch(build_datasets(cfg.data, VOCAB, 32, cfg.train.seed).train, 0, 8)
+    assert np.array_equal(trainer.next_batch(), expected)  # the new mixture from its first sample
+    assert run_cli("train", str(branch)).returncode == 0
