@@ -152,8 +152,9 @@ def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len:
     splits = []
     for split, doc_ids in (("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid))):
         try:
-            splits.append(GPTSampleDataset.over_documents(tokens, starts[doc_ids], lengths[doc_ids],
-                                                          seq_len=seq_len, seed=seed, split=split))
+            dataset = GPTSampleDataset.over_documents(tokens, starts[doc_ids], lengths[doc_ids],
+                                                      seq_len=seq_len, seed=seed, split=split)
+            splits.append(dataset.cache_indices_in(resolve_cache_dir(data_cfg.cache_dir) / "indices"))
         except ValueError as exc:
             raise DataError(f"data: {prefix}: {exc}; use a larger corpus or change data.val_fraction") from None
     return splits

@@ -8,13 +8,16 @@ never on the number of training steps, the batch size or how often the run was r
 """
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
+from megacpm.data.cache import cache_key, save_npy_atomic
 from megacpm.data.sample_index import build_sample_idx
 
 
@@ -90,6 +93,7 @@ class GPTSampleDataset:
                 f"{split} split has {self.num_tokens} tokens, fewer than one sample of seq_len + 1 = {self.seq_len + 1}"
             )
         self._epoch_index: Optional[EpochIndex] = None  # the most recently used epoch
+        self._index_dir: Optional[Path] = None  # where epoch indices are cached (cache_indices_in)
 
     @staticmethod
     def _append_eod(tokens: np.ndarray, doc_offsets: np.ndarray, eod_id: int) -> np.ndarray:
@@ -111,14 +115,37 @@ class GPTSampleDataset:
     def _rng(self, epoch: int) -> np.random.Generator:
         return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch, self._split_code])))
 
+    def cache_indices_in(self, directory: Path) -> "GPTSampleDataset":
+        """Keep each epoch's indices under ``directory``, keyed by everything that defines them (the
+        documents' lengths, seq_len, seed, split, epoch): a restart or another rank loads them."""
+        self._index_dir = Path(directory)
+        return self
+
+    def _index_files(self, epoch: int) -> Optional[Dict[str, Path]]:
+        if self._index_dir is None:
+            return None
+        lengths_digest = hashlib.sha256(np.ascontiguousarray(self.doc_lengths).tobytes()).hexdigest()
+        key = cache_key(["gpt-index", lengths_digest, str(self.seq_len), str(self.seed), self.split, str(epoch)])
+        return {name: self._index_dir / f"{key}.{name}.npy" for name in ("doc_order", "sample_idx", "sample_order")}
+
+    def _build_epoch_index(self, epoch: int) -> EpochIndex:
+        rng = self._rng(epoch)
+        doc_order = rng.permutation(self.num_docs).astype(np.int64)
+        sample_idx = build_sample_idx(self.doc_lengths, doc_order, self.seq_len)
+        assert len(sample_idx) == self.samples_per_epoch + 1
+        sample_order = rng.permutation(self.samples_per_epoch).astype(np.int64)
+        return EpochIndex(epoch, doc_order, sample_idx, sample_order)
+
     def epoch_index(self, epoch: int) -> EpochIndex:
         if self._epoch_index is None or self._epoch_index.epoch != epoch:
-            rng = self._rng(epoch)
-            doc_order = rng.permutation(self.num_docs).astype(np.int64)
-            sample_idx = build_sample_idx(self.doc_lengths, doc_order, self.seq_len)
-            assert len(sample_idx) == self.samples_per_epoch + 1
-            sample_order = rng.permutation(self.samples_per_epoch).astype(np.int64)
-            self._epoch_index = EpochIndex(epoch, doc_order, sample_idx, sample_order)
+            files = self._index_files(epoch)
+            if files is not None and all(path.is_file() for path in files.values()):
+                self._epoch_index = EpochIndex(epoch, *(np.load(files[name], mmap_mode="r") for name in files))
+            else:
+                self._epoch_index = self._build_epoch_index(epoch)
+                if files is not None:  # sample_order last: its presence means all three are complete
+                    for name, path in files.items():
+                        save_npy_atomic(path, getattr(self._epoch_index, name))
         return self._epoch_index
 
     def __getitem__(self, i: int) -> np.ndarray:

@@ -111,3 +111,17 @@ def test_a_branch_switches_the_mixture_at_its_first_step(tmp_path, capfd):
     expected = get_batch(build_datasets(cfg.data, VOCAB, 32, cfg.train.seed).train, 0, 8)
     assert np.array_equal(trainer.next_batch(), expected)  # the new mixture from its first sample
     assert run_cli("train", str(branch)).returncode == 0
+
+
+def test_epoch_indices_are_cached_under_a_key_of_what_defines_them(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    cfg = config(tmp_path / "corpus", f"--data.cache_dir={tmp_path / 'cache'}")
+    first = build_datasets(cfg.data, vocab_size=VOCAB, seq_len=32, seed=1).train
+    expected = get_batch(first, 0, 20)
+    files = sorted((tmp_path / "cache" / "indices").glob("*.npy"))
+    assert len(files) == 3  # doc_order, sample_idx, sample_order of epoch 0
+    again = build_datasets(cfg.data, vocab_size=VOCAB, seq_len=32, seed=1).train
+    assert np.array_equal(get_batch(again, 0, 20), expected)
+    assert isinstance(again.epoch_index(0).sample_order, np.memmap)  # loaded, not rebuilt
+    build_datasets(cfg.data, vocab_size=VOCAB, seq_len=32, seed=2).train.epoch_index(0)
+    assert len(list((tmp_path / "cache" / "indices").glob("*.npy"))) == 6  # another seed, another key
