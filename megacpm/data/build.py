@@ -84,19 +84,25 @@ def tokenize_documents(tokenizer: Tokenizer, documents: List[str], dtype: np.dty
 
 def load_or_tokenize(
     corpus: Corpus, loaded: LoadedTokenizer, cache_dir: Path, read_documents: Callable[[], List[str]]
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> Path:
+    """The corpus as a Megatron indexed dataset with an end-of-document token after each document,
+    built once and cached under ``<cache>/tokens/`` keyed by the corpus and the exact tokenizer: the
+    prefix of its .bin/.idx. Every source then trains through the same (memory-mapped) path."""
+    from megacpm.data.indexed_dataset import IndexedDatasetWriter, index_path
+
     dtype = token_dtype(loaded.tokenizer)
     tokenizer_hash = hashlib.sha256(loaded.json_text.encode("utf-8")).hexdigest()
-    key = cache_key(["tokens", corpus.fingerprint, tokenizer_hash, dtype.str])
-    tokens_path = cache_dir / "tokens" / f"{key}.tokens.npy"
-    offsets_path = cache_dir / "tokens" / f"{key}.offsets.npy"
-    # The offsets file is written last: its presence means both files are complete.
-    if offsets_path.is_file() and tokens_path.is_file():
-        return np.load(tokens_path), np.load(offsets_path)
+    key = cache_key(["indexed", corpus.fingerprint, tokenizer_hash, dtype.str, str(loaded.eod_id)])
+    prefix = cache_dir / "tokens" / key
+    if index_path(prefix).is_file():  # the writer renames the .idx last: present means complete
+        return prefix
     tokens, offsets = tokenize_documents(loaded.tokenizer, read_documents(), dtype)
-    save_npy_atomic(tokens_path, tokens)
-    save_npy_atomic(offsets_path, offsets)
-    return tokens, offsets
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    with IndexedDatasetWriter(prefix, vocab_size=id_space_size(loaded.tokenizer)) as writer:
+        for start, end in zip(offsets[:-1], offsets[1:]):
+            writer.add_sequences([np.append(tokens[start:end], np.asarray(loaded.eod_id, dtype=tokens.dtype))])
+            writer.end_document()
+    return prefix
 
 
 def validation_doc_ids(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray:
@@ -118,15 +124,6 @@ def validation_doc_ids(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarr
     return np.sort(ranked[:num_valid])
 
 
-def gather_documents(tokens: np.ndarray, offsets: np.ndarray, doc_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """The given documents' tokens back to back, with their new offsets."""
-    lengths = offsets[doc_ids + 1] - offsets[doc_ids]
-    new_offsets = np.zeros(len(doc_ids) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    pieces = [tokens[offsets[d] : offsets[d + 1]] for d in doc_ids]
-    return (np.concatenate(pieces) if pieces else tokens[:0]), new_offsets
-
-
 def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
     """Refuse token ids the model cannot embed (one pass over the corpus, in chunks)."""
     if np.iinfo(tokens.dtype).max < vocab_size:
@@ -137,7 +134,8 @@ def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int
             raise DataError(f"{where}: holds token id {top}, outside model.vocab_size {vocab_size}")
 
 
-def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int):
+def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int,
+                    description: Optional[str] = None):
     """(train, valid) sample streams of one Megatron indexed dataset, used in place."""
     from megacpm.data.indexed_dataset import IndexedDataset
 
@@ -146,7 +144,10 @@ def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len:
     _check_token_ids(tokens, vocab_size, f"{prefix}.bin")
     starts, lengths = corpus.document_spans()
     if len(starts) < 2:
-        raise DataError(f"{prefix}: {len(starts)} document(s); need at least 2 (one is held out for validation)")
+        raise DataError(
+            f"{description or prefix}: {len(starts)} document(s); need at least 2 (one is held out for "
+            "validation). A text file's documents are separated by two or more blank lines"
+        )
     is_valid = np.zeros(len(starts), dtype=bool)
     is_valid[validation_doc_ids(lengths, data_cfg.val_fraction)] = True
     splits = []
@@ -156,7 +157,8 @@ def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len:
                                                       seq_len=seq_len, seed=seed, split=split)
             splits.append(dataset.cache_indices_in(resolve_cache_dir(data_cfg.cache_dir) / "indices"))
         except ValueError as exc:
-            raise DataError(f"data: {prefix}: {exc}; use a larger corpus or change data.val_fraction") from None
+            raise DataError(f"data: the {split} split of {description or prefix} is too small ({exc}); "
+                            "use more text or change data.val_fraction") from None
     return splits
 
 
@@ -197,37 +199,9 @@ def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: in
         loaded = load_given_tokenizer(data_cfg.tokenizer, vocab_size)
     else:
         loaded = load_or_train_tokenizer(corpus, vocab_size, cache_dir, read_documents)
-    tokens, offsets = load_or_tokenize(corpus, loaded, cache_dir, read_documents)
-
-    num_docs = len(offsets) - 1
-    if num_docs < 2:
-        raise DataError(
-            f"{corpus.description}: {num_docs} document(s); need at least 2 (one is held out for "
-            "validation). A text file's documents are separated by two or more blank lines"
-        )
-    is_valid = np.zeros(num_docs, dtype=bool)
-    is_valid[validation_doc_ids(np.diff(offsets), data_cfg.val_fraction)] = True
-    splits = {}
-    for split, doc_ids in (("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid))):
-        split_tokens, split_offsets = gather_documents(tokens, offsets, doc_ids)
-        stream_tokens = len(split_tokens) + len(doc_ids)  # + one end-of-document token per document
-        if stream_tokens < seq_len + 1:
-            raise DataError(
-                f"data: the {split} split of {corpus.description} has {stream_tokens} tokens "
-                f"({len(doc_ids)} documents), fewer than train.seq_len + 1 = {seq_len + 1}; "
-                "use more text or change data.val_fraction"
-            )
-        splits[split] = GPTSampleDataset(
-            split_tokens, split_offsets, seq_len=seq_len, seed=seed, eod_id=loaded.eod_id, split=split
-        )
-    return DataBundle(
-        train=splits["train"],
-        valid=splits["valid"],
-        tokenizer=loaded.tokenizer,
-        eod_id=loaded.eod_id,
-        tokenizer_vocab_size=id_space_size(loaded.tokenizer),
-        train_tokens=splits["train"].num_tokens,
-        valid_tokens=splits["valid"].num_tokens,
-        train_docs=splits["train"].num_docs,
-        valid_docs=splits["valid"].num_docs,
-    )
+    prefix = load_or_tokenize(corpus, loaded, cache_dir, read_documents)
+    train, valid = _indexed_splits(str(prefix), data_cfg, vocab_size, seq_len, seed,
+                                   description=corpus.description)
+    return DataBundle(train=train, valid=valid, tokenizer=loaded.tokenizer, eod_id=loaded.eod_id,
+                      tokenizer_vocab_size=id_space_size(loaded.tokenizer), train_tokens=train.num_tokens,
+                      valid_tokens=valid.num_tokens, train_docs=train.num_docs, valid_docs=valid.num_docs)

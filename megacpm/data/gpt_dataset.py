@@ -83,14 +83,14 @@ class GPTSampleDataset:
         return self
 
     def _finish_init(self, num_tokens: Optional[int] = None) -> None:
-        split = self.split
         self.num_docs = len(self.doc_lengths)
         self.num_tokens = len(self.tokens) if num_tokens is None else num_tokens
         # Independent of the document order, so known without building an epoch.
         self.samples_per_epoch = (self.num_tokens - 1) // self.seq_len
         if self.samples_per_epoch < 1:
             raise ValueError(
-                f"{split} split has {self.num_tokens} tokens, fewer than one sample of seq_len + 1 = {self.seq_len + 1}"
+                f"{self.num_tokens} tokens in {self.num_docs} documents, fewer than one sample of "
+                f"train.seq_len + 1 = {self.seq_len + 1}"
             )
         self._epoch_index: Optional[EpochIndex] = None  # the most recently used epoch
         self._index_dir: Optional[Path] = None  # where epoch indices are cached (cache_indices_in)
