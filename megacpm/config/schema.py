@@ -139,6 +139,7 @@ class DataConfig:
     tokenizer: Optional[str] = None  # a tokenizers JSON file; None trains one on the corpus (cached)
     cache_dir: Optional[str] = None  # None: $MEGACPM_CACHE or ~/.cache/megacpm
     val_fraction: float = 0.02  # documents held out for validation
+    test_fraction: float = 0.0  # documents held out as a test split (neither trained nor evaluated on)
     max_corpus_mb: float = 8.0  # cap on the embedded corpus size
 
 

@@ -189,6 +189,8 @@ def validate_data(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file")
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
+    if not 0.0 <= d.test_fraction < 0.5:
+        raise ConfigError(f"data.test_fraction: must be in [0, 0.5), got {d.test_fraction}")
     _positive("data.max_corpus_mb", d.max_corpus_mb)
 
 

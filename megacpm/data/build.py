@@ -39,6 +39,7 @@ UINT16_VOCAB_LIMIT = 1 << 16
 class DataBundle:
     train: "GPTSampleDataset | BlendedDataset"  # get_batch reads either
     valid: "GPTSampleDataset | BlendedDataset"
+    test: "GPTSampleDataset | BlendedDataset | None"  # data.test_fraction > 0 only; never trained on
     tokenizer: Optional[Tokenizer]  # None for a pre-tokenized (Megatron) corpus
     eod_id: Optional[int]  # the end-of-document token appended to every document (None: the corpus has its own)
     tokenizer_vocab_size: int  # largest token id + 1; may be below model.vocab_size
@@ -105,23 +106,31 @@ def load_or_tokenize(
     return prefix
 
 
-def validation_doc_ids(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray:
-    """Sorted ids of the held-out documents: round(val_fraction * num_docs) of them, at least 1.
+def held_out_doc_ids(doc_lengths: np.ndarray, val_fraction: float, test_fraction: float = 0.0
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted ids of the validation documents (round(val_fraction * num_docs), at least 1) and of the
+    test documents (round(test_fraction * num_docs)); the rest train.
 
-    They are drawn in a fixed pseudo-random order, but a document holding more than val_fraction
-    of all tokens comes last in that order: one such document alone would exceed the intended
-    share (the embedded corpus' pydoc topics, 8% of its tokens, would turn a 2% split into 10% and
-    take the only English prose out of training). It is held out only when too few others exist.
+    They are drawn in a fixed pseudo-random order, validation first, but a document holding more than
+    val_fraction of all tokens comes last in that order: one such document alone would exceed the
+    intended share (the embedded corpus' pydoc topics, 8% of its tokens, would turn a 2% split into
+    10% and take the only English prose out of training). It is held out only when too few others
+    exist. Adding a test split never changes the validation documents.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
     num_docs = len(doc_lengths)
     num_valid = min(max(1, round(val_fraction * num_docs)), num_docs - 1)
+    num_test = min(round(test_fraction * num_docs), num_docs - 1 - num_valid)
     rng = np.random.Generator(np.random.PCG64(VALIDATION_SPLIT_SEED))
     order = rng.permutation(num_docs)
     oversized = doc_lengths[order] > val_fraction * doc_lengths.sum()
     ranked = np.concatenate([order[~oversized], order[oversized]])
-    return np.sort(ranked[:num_valid])
+    return np.sort(ranked[:num_valid]), np.sort(ranked[num_valid:num_valid + num_test])
+
+
+def validation_doc_ids(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarray:
+    return held_out_doc_ids(doc_lengths, val_fraction)[0]
 
 
 def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
@@ -136,7 +145,7 @@ def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int
 
 def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int,
                     description: Optional[str] = None):
-    """(train, valid) sample streams of one Megatron indexed dataset, used in place."""
+    """(train, valid, test or None) sample streams of one Megatron indexed dataset, used in place."""
     from megacpm.data.indexed_dataset import IndexedDataset
 
     corpus = IndexedDataset(prefix)
@@ -148,10 +157,13 @@ def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len:
             f"{description or prefix}: {len(starts)} document(s); need at least 2 (one is held out for "
             "validation). A text file's documents are separated by two or more blank lines"
         )
-    is_valid = np.zeros(len(starts), dtype=bool)
-    is_valid[validation_doc_ids(lengths, data_cfg.val_fraction)] = True
+    valid_ids, test_ids = held_out_doc_ids(lengths, data_cfg.val_fraction, data_cfg.test_fraction)
+    train_ids = np.setdiff1d(np.arange(len(starts)), np.concatenate([valid_ids, test_ids]))
     splits = []
-    for split, doc_ids in (("train", np.flatnonzero(~is_valid)), ("valid", np.flatnonzero(is_valid))):
+    for split, doc_ids in (("train", train_ids), ("valid", valid_ids), ("test", test_ids)):
+        if split == "test" and not len(doc_ids):
+            splits.append(None)
+            continue
         try:
             dataset = GPTSampleDataset.over_documents(tokens, starts[doc_ids], lengths[doc_ids],
                                                       seq_len=seq_len, seed=seed, split=split)
@@ -178,9 +190,10 @@ def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed:
     mixture = data_cfg.mixture or {data_cfg.path: 1.0}
     parts = [_indexed_splits(prefix, data_cfg, vocab_size, seq_len, seed) for prefix in mixture]
     weights = list(mixture.values())
-    train, valid = ([p[k] for p in parts] for k in (0, 1))
+    train, valid, test = ([p[k] for p in parts] for k in (0, 1, 2))
     stream = (lambda datasets: datasets[0]) if len(parts) == 1 else (lambda datasets: BlendedDataset(datasets, weights))
-    return DataBundle(train=stream(train), valid=stream(valid), tokenizer=None, eod_id=None,
+    return DataBundle(train=stream(train), valid=stream(valid), test=None if test[0] is None else stream(test),
+                      tokenizer=None, eod_id=None,
                       tokenizer_vocab_size=vocab_size, train_tokens=sum(d.num_tokens for d in train),
                       valid_tokens=sum(d.num_tokens for d in valid), train_docs=sum(d.num_docs for d in train),
                       valid_docs=sum(d.num_docs for d in valid))
@@ -200,8 +213,8 @@ def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: in
     else:
         loaded = load_or_train_tokenizer(corpus, vocab_size, cache_dir, read_documents)
     prefix = load_or_tokenize(corpus, loaded, cache_dir, read_documents)
-    train, valid = _indexed_splits(str(prefix), data_cfg, vocab_size, seq_len, seed,
-                                   description=corpus.description)
-    return DataBundle(train=train, valid=valid, tokenizer=loaded.tokenizer, eod_id=loaded.eod_id,
+    train, valid, test = _indexed_splits(str(prefix), data_cfg, vocab_size, seq_len, seed,
+                                         description=corpus.description)
+    return DataBundle(train=train, valid=valid, test=test, tokenizer=loaded.tokenizer, eod_id=loaded.eod_id,
                       tokenizer_vocab_size=id_space_size(loaded.tokenizer), train_tokens=train.num_tokens,
                       valid_tokens=valid.num_tokens, train_docs=train.num_docs, valid_docs=valid.num_docs)

@@ -149,3 +149,16 @@ def test_resume_on_another_data_parallel_size_continues_the_stream(tmp_path):
     reference, got = losses(tmp_path / "one"), losses(resumed)
     assert got[1] == reference[1] and got[2] == reference[2]
     assert got[3] == pytest.approx(reference[3], rel=1e-5) and got[4] == pytest.approx(reference[4], rel=1e-5)
+
+
+def test_a_test_split_is_held_out_by_documents_without_moving_validation(tmp_path):
+    write_corpus(tmp_path / "corpus", documents=100)
+    plain = build_datasets(config(tmp_path / "corpus").data, vocab_size=VOCAB, seq_len=32, seed=1)
+    split = build_datasets(config(tmp_path / "corpus", "--data.test_fraction=0.2").data,
+                           vocab_size=VOCAB, seq_len=32, seed=1)
+    assert plain.test is None and split.test.num_docs == 20
+    spans = {name: set(zip(ds.doc_starts.tolist(), ds.doc_lengths.tolist()))
+             for name, ds in (("train", split.train), ("valid", split.valid), ("test", split.test))}
+    assert not (spans["train"] & spans["valid"] or spans["train"] & spans["test"] or spans["valid"] & spans["test"])
+    assert sum(len(v) for v in spans.values()) == 100
+    assert spans["valid"] == set(zip(plain.valid.doc_starts.tolist(), plain.valid.doc_lengths.tolist()))
