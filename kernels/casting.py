@@ -5,11 +5,7 @@ nearest even. Kernels store through ``cast_rne(x, DTYPE, EXACT_BF16)`` and their
 ``EXACT_BF16=interpreter_enabled()``: under the interpreter bf16 is rounded by hand on the bit
 pattern, on a GPU the native cast is used unchanged.
 """
-try:  # the torch paths need nothing from triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+from .dispatch import tl, triton
 
 if triton is not None:
 

@@ -32,13 +32,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megacpm.kernels.dispatch import interpreter_enabled, use_triton
+from megacpm.kernels.dispatch import interpreter_enabled, tl, triton, use_triton
 
-try:  # the torch path works without triton installed
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    triton = None
 
 REDUCTIONS = ("mean", "sum", "none")
 MAX_BLOCK = 4096  # vocab columns per loop iteration of a program

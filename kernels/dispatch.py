@@ -6,12 +6,19 @@ The environment is read at call time; nothing here is cached or mutable.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
+try:  # optional: every kernel has a PyTorch implementation that needs nothing from triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
 IMPLS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels load and store
 
 
 def interpreter_enabled() -> bool:
@@ -19,7 +26,7 @@ def interpreter_enabled() -> bool:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return triton is not None
 
 
 def use_triton(impl: str, *tensors: torch.Tensor) -> bool:

@@ -15,16 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import interpreter_enabled, use_triton
+from .dispatch import TRITON_DTYPES, interpreter_enabled, tl, triton, use_triton
 
-try:  # triton is optional: the torch implementation needs nothing from it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 if triton is not None:

@@ -14,6 +14,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from megacpm.checkpoint import atomic  # the same crash-safe write as checkpoints (the package imports lazily)
+
 CACHE_ENV_VAR = "MEGACPM_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/megacpm"
 
@@ -33,27 +35,13 @@ def cache_key(parts: Iterable[str]) -> str:
     return digest.hexdigest()[:20]
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write under a per-process temporary name, then rename: readers never see a partial file.
-
-    (megacpm.checkpoint.atomic does the same with fsyncs; a cache entry that is lost in a power
-    cut is simply rebuilt, and importing it here would pull the checkpoint machinery into data.)
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text_atomic(path, text)
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    write_bytes_atomic(path, buffer.getvalue())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes_atomic(path, buffer.getvalue())
