@@ -33,6 +33,7 @@ setup(
         "tensorboard>=2.14",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "scipy>=1.10",  # the scaling-law fits (bounded least squares)
     ],
     extras_require={
         "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "transformers>=4.40"],  # transformers: the Llama-export test

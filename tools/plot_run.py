@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+from megacpm.plotting import pyplot, save_png
 
 Series = Tuple[List[int], List[float]]
 KEYS = ("loss", "eval_loss", "lr")
@@ -52,11 +52,7 @@ def read_series(metrics: Path) -> Dict[str, Series]:
 
 
 def plot(series: Dict[str, Series], title: str, output: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
                                          gridspec_kw={"height_ratios": [2, 1]})
     ax_loss.plot(*series["loss"], label="train loss", linewidth=1)
@@ -72,18 +68,7 @@ def plot(series: Dict[str, Series], title: str, output: Path) -> None:
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    # A unique temporary name in the same directory, then os.replace: a reader (or a second
-    # plot_run) never sees a half-written PNG.
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=110, format="png")
-        os.replace(tmp, output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
+    save_png(fig, output)
 
 
 def main(argv=None) -> int:

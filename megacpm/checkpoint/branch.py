@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional
 from megacpm.checkpoint.atomic import TMP_PREFIX, atomic_directory
 from megacpm.checkpoint.manager import (LATEST, STEP_DIR, CheckpointError, checkpoints_dir, latest_checkpoint,
                                         read_trainer_state)
+from megacpm.train.callbacks import read_metrics
 
 LINEAGE = "lineage.json"
 
@@ -91,14 +92,7 @@ class RunSummary:
 
 def _last_metrics(run: Path) -> Dict[str, float]:
     found: Dict[str, float] = {}
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return found
-    for line in metrics.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a crash
+    for record in read_metrics(run):
         for key in ("loss", "eval_loss", "tokens"):
             if key in record:
                 found[key] = record[key]
