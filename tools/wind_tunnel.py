@@ -158,7 +158,10 @@ def plot_loss_vs_lr(out: Path, results: Sequence[PointResult], metric: str) -> P
             line, = ax.plot(xs, ys, marker="o", label=_shape_label(width, depth or None))
             best = min(range(len(ys)), key=ys.__getitem__)
             ax.plot([xs[best]], [ys[best]], marker="*", markersize=14, color=line.get_color())
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        grid = sorted({r.lr for r in results})
+        ax.set_xticks(grid, [f"{lr:g}" for lr in grid], rotation=45)
+        ax.minorticks_off()
         ax.set_xlabel("learning rate (optim.lr)")
         ax.set_title(titles.get(param, param))
         ax.grid(True, alpha=0.3)
@@ -175,15 +178,20 @@ def report(out: Path, results: Sequence[PointResult], metric: str) -> None:
     write_results(out, results)
     best = best_learning_rates(results, metric)
     print(f"\nbest learning rate by {metric} (* = at the edge of the grid: the optimum may lie outside)")
-    print(f"{'param':>5} {'width':>6} {'depth':>5} {'best lr':>9} {metric:>10}")
+    print(f"{'param':>5} {'width':>6} {'depth':>5} {'best lr':>9} {'between':>8} {metric:>10}")
     for b in best:
         lr = f"{b.lr:g}{'*' if b.edge else ''}" if b.lr is not None else "diverged"
+        between = f"{b.lr_interpolated:.3g}" if b.lr_interpolated is not None else "-"
         loss = f"{b.loss:.4f}" if b.loss is not None else "-"
-        print(f"{b.parametrization:>5} {b.width:>6} {b.depth if b.depth is not None else '-':>5} {lr:>9} {loss:>10}")
-    spread = optimum_spread(best, [r.lr for r in results])
-    for param, steps in spread.items():
-        if steps is not None:
-            print(f"{param}: the best LR moves {steps} grid step{'s' if steps != 1 else ''} across shapes")
+        print(f"{b.parametrization:>5} {b.width:>6} {b.depth if b.depth is not None else '-':>5} {lr:>9} {between:>8} "
+              f"{loss:>10}")
+    print("(between: the optimum between grid points, from a parabola in log LR through the best and its neighbours)")
+    for param, spread in optimum_spread(best, [r.lr for r in results]).items():
+        if spread.grid_steps is not None:
+            line = f"{param}: the best LR moves {spread.grid_steps} grid step{'s' if spread.grid_steps != 1 else ''}"
+            if spread.factor is not None:
+                line += f", the interpolated optimum by a factor {spread.factor:.2f},"
+            print(line + " across shapes")
     diverged = sum(r.status == "diverged" for r in results)
     if diverged:
         print(f"{diverged} run(s) diverged (left out of the plot)")

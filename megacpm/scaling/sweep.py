@@ -274,6 +274,25 @@ class BestLR:
     lr: Optional[float]  # None: every LR diverged
     loss: Optional[float]
     edge: bool  # the best LR is the smallest or the largest of the grid: the true optimum may lie outside
+    # The vertex of a parabola through the best LR and its two neighbours in (log LR, loss): the
+    # optimum between grid points (None at the edge of the grid or where the three are not convex).
+    lr_interpolated: Optional[float] = None
+
+
+def interpolated_minimum(lrs: Sequence[float], losses: Sequence[float]) -> Optional[float]:
+    """The LR at the vertex of the parabola through the lowest loss and its neighbours (log LR axis)."""
+    best = min(range(len(losses)), key=losses.__getitem__)
+    if best in (0, len(losses) - 1):
+        return None
+    x = [math.log(lrs[best + k]) for k in (-1, 0, 1)]
+    y = [losses[best + k] for k in (-1, 0, 1)]
+    # Divided differences: y = y1 + s1 (x - x1) + c (x - x1)(x - x2) (no fitting library needed).
+    s1, s2 = (y[1] - y[0]) / (x[1] - x[0]), (y[2] - y[1]) / (x[2] - x[1])
+    curvature = (s2 - s1) / (x[2] - x[0])
+    if curvature <= 0:
+        return None
+    vertex = (x[0] + x[1]) / 2 - s1 / (2 * curvature)
+    return math.exp(min(max(vertex, x[0]), x[2]))
 
 
 def best_learning_rates(results: Sequence[PointResult], metric: str = "eval_loss") -> List[BestLR]:
@@ -289,16 +308,30 @@ def best_learning_rates(results: Sequence[PointResult], metric: str = "eval_loss
             best.append(BestLR(param, width, depth, None, None, False))
             continue
         winner = min(scored, key=lambda m: getattr(m, metric))
+        # The parabola needs the neighbours on the LR grid themselves (a diverged neighbour: none).
+        by_lr = {m.lr: getattr(m, metric) for m in scored}
+        curve = [(lr, by_lr[lr]) for lr in lrs if lr in by_lr]
+        contiguous = len(curve) == len(lrs)
         best.append(BestLR(param, width, depth, winner.lr, getattr(winner, metric),
-                           len(lrs) > 1 and winner.lr in (lrs[0], lrs[-1])))
+                           len(lrs) > 1 and winner.lr in (lrs[0], lrs[-1]),
+                           interpolated_minimum(*zip(*curve)) if contiguous and len(curve) >= 3 else None))
     return best
 
 
-def optimum_spread(best: Sequence[BestLR], lrs: Sequence[float]) -> Dict[str, Optional[int]]:
-    """For each parametrisation, how many grid steps separate the best LRs of the different widths."""
+@dataclass
+class Spread:
+    grid_steps: Optional[int]  # between the best grid LRs of the shapes
+    factor: Optional[float]  # largest / smallest interpolated optimum (None unless every shape has one)
+
+
+def optimum_spread(best: Sequence[BestLR], lrs: Sequence[float]) -> Dict[str, Spread]:
+    """For each parametrisation, how far apart the best LRs of the different shapes are."""
     grid = sorted(set(lrs))
-    spread: Dict[str, Optional[int]] = {}
+    spread: Dict[str, Spread] = {}
     for param in sorted({b.parametrization for b in best}):
-        found = [grid.index(b.lr) for b in best if b.parametrization == param and b.lr in grid]
-        spread[param] = max(found) - min(found) if found else None
+        mine = [b for b in best if b.parametrization == param]
+        found = [grid.index(b.lr) for b in mine if b.lr in grid]
+        smooth = [b.lr_interpolated for b in mine]
+        spread[param] = Spread(max(found) - min(found) if found else None,
+                               max(smooth) / min(smooth) if smooth and None not in smooth else None)
     return spread
