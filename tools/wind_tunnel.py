@@ -239,12 +239,17 @@ def plot_batch_law(out: Path, optima, law, paper) -> Path:
     fig, ax = pyplot().subplots(figsize=(6, 4.5))
     losses = np.array([o.loss for o in optima])
     ax.scatter(losses, [o.batch_tokens for o in optima], c=["tab:gray" if o.edge else "tab:blue" for o in optima],
-               label="optimal batch (grey: grid edge)")
+               label="optimal batch (grey: at the grid's edge, only a bound; not fitted)")
     grid = np.linspace(losses.min(), losses.max(), 50)
     ax.plot(grid, law.batch_size(grid), label=f"fit {law.a:.3g} / L^{law.b:.2f}")
     ax.plot(grid, paper.batch_size(grid), "--", label=f"paper {paper.a:.3g} / L^{paper.b:.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.xaxis,):  # plain numbers: a loss axis spans less than a decade
+        axis.set_major_formatter(FormatStrFormatter("%.2g"))
+        axis.set_minor_formatter(FormatStrFormatter("%.2g"))
     ax.set_xlabel("loss L")
     ax.set_ylabel("batch size (tokens)")
     ax.legend(fontsize=8)
@@ -284,7 +289,7 @@ def cmd_batch_law(args) -> int:
     record = {"a": law.a, "b": law.b, "paper": {"a": paper.a, "b": paper.b},
               "optima": [asdict(o) for o in optima]}
     write_text_atomic(out / "batch_law.json", json.dumps(record, indent=1))
-    print(f"wrote {out / 'batch_law.json'}, {plot_batch_law(out, used, law, paper)}")
+    print(f"wrote {out / 'batch_law.json'}, {plot_batch_law(out, optima, law, paper)}")
     return 0
 
 

@@ -211,7 +211,8 @@ def run_point(spec: SweepSpec, point: SweepPoint, out: Path, base_cfg, threads: 
     output = (run_dir / "train.log").read_text(errors="replace")
     if code == 0 and eval_loss is not None and math.isfinite(eval_loss):
         status = "ok"
-    elif code == EXIT_DIVERGED and "diverged" in output.lower() or (eval_loss is not None and not math.isfinite(eval_loss)):
+    elif (code == EXIT_DIVERGED and "diverged" in output.lower()) or (eval_loss is not None
+                                                                    and not math.isfinite(eval_loss)):
         status = "diverged"
     else:
         status = "failed"

@@ -133,7 +133,7 @@ class Trainer:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
-                f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                f"diverged at step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                 f"(loss {loss}, grad_norm {grad_norm}); stopped without saving this step; "
                 f"last checkpoint: {last if last is not None else 'none'}"
             )

@@ -115,3 +115,18 @@ def test_batch_law_needs_three_batch_sizes(tmp_path):
     (tmp_path / "runs").mkdir()
     result = tool("batch-law", str(tmp_path))
     assert result.returncode == 2 and "3 or more batch sizes" in result.stderr
+
+
+def test_a_diverged_point_is_recorded_and_not_retried(tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--out", str(out), "--widths", "64", "--lrs", "0.01", "--parametrization", "sp",
+            "--init-stds", "1e20", *SMALL]  # an init that overflows at the first step
+    result = tool(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = list(csv.DictReader((out / "results.csv").open()))
+    assert row["status"] == "diverged" and row["eval_loss"] == ""
+    assert "1 run(s) diverged" in result.stdout and "diverged" in result.stdout
+    marker = out / "runs" / "sp_w64_lr0.01_d1_std1e+20" / "result.json"
+    before = marker.stat().st_mtime_ns
+    assert tool(*args).returncode == 0
+    assert marker.stat().st_mtime_ns == before  # read back, not trained again
