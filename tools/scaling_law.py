@@ -84,17 +84,16 @@ def plot_fit(path: Path, law: DataModelLaw, N, D, loss) -> None:
                    fontsize=9)
     left.legend(fontsize=7)
     left.grid(True, alpha=0.3, which="both")
-    # Iso-loss contours over (N, D) and the compute-optimal frontier N_opt(C), D_opt(C).
-    n_grid = np.geomspace(N.min() / 4, N.max() * 4, 200)
-    d_grid = np.geomspace(D.min() / 4, D.max() * 4, 200)
-    nn, dd = np.meshgrid(n_grid, d_grid)
+    # Iso-loss contours over (N, D), and the compute-optimal frontier (N_opt(C), D_opt(C)) for the
+    # budgets around the points' own (C = 6ND): the window holds both, however far the optimum is.
+    budgets = 6 * np.geomspace((N * D).min() / 10, (N * D).max() * 10, 60) * 1e18
+    frontier = np.array([law.optimal_split(c) for c in budgets])
+    n_lo, n_hi = min(N.min(), frontier[:, 0].min()) / 2, max(N.max(), frontier[:, 0].max()) * 2
+    d_lo, d_hi = min(D.min(), frontier[:, 1].min()) / 2, max(D.max(), frontier[:, 1].max()) * 2
+    nn, dd = np.meshgrid(np.geomspace(n_lo, n_hi, 200), np.geomspace(d_lo, d_hi, 200))
     contours = right.contour(nn, dd, law.loss(nn, dd), levels=12, cmap="viridis")
     right.clabel(contours, fontsize=7, fmt="%.2f")
-    flops = 6 * np.geomspace(nn.min() * dd.min(), nn.max() * dd.max(), 50) * 1e18
-    frontier = np.array([law.optimal_split(c) for c in flops])
-    inside = (frontier[:, 0] >= n_grid[0]) & (frontier[:, 0] <= n_grid[-1]) & (frontier[:, 1] >= d_grid[0]) \
-        & (frontier[:, 1] <= d_grid[-1])
-    right.plot(frontier[inside, 0], frontier[inside, 1], "r-", label="compute-optimal (C = 6ND)")
+    right.plot(frontier[:, 0], frontier[:, 1], "r-", label="compute-optimal N, D (C = 6ND)")
     right.scatter(N, D, c="k", s=10, label="points")
     right.set_xscale("log")
     right.set_yscale("log")
