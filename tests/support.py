@@ -42,3 +42,16 @@ def run_torchrun(nproc, *args, launcher_args=("--standalone",), timeout=600):
 def start_torchrun(nproc, *args, launcher_args=("--standalone",)):
     return subprocess.Popen(torchrun_command(nproc, *args, launcher_args=launcher_args), env=torchrun_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def imported_tool(path: Path, name: str):
+    """A tools/ script imported as a module (for a module-scoped fixture: ``yield from``). It is
+    registered in sys.modules while in use, because its dataclasses look their module up."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]

@@ -5,7 +5,6 @@ outputs can be decoded back and compared with the input documents. The main runs
 command line as a user types it, in subprocesses side by side (each mostly imports torch); option
 variants and argument errors call the tool's main() in this process.
 """
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megacpm.data import IndexedDataset
+from tests.support import imported_tool
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "preprocess_data.py"
 EOD = "<|endoftext|>"
@@ -108,13 +108,7 @@ def runs(inputs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool's module, imported from its file (registered: its dataclasses look themselves up)."""
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from imported_tool(TOOL, "preprocess_data_tool")
 
 
 def run_main(tool, capsys, args):

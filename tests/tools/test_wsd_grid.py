@@ -7,7 +7,6 @@ decay_start, decay_start = the first decayed step), not computed with LRSchedule
 """
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from megacpm.config import Config
-from tests.support import REPO, cli_env, run_cli
+from tests.support import REPO, cli_env, imported_tool, run_cli
 
 TOOL = REPO / "tools" / "wsd_grid.py"
 PEAK, GBS, SEQ, FRAC = 0.01, 4, 32, 0.5
@@ -36,13 +35,7 @@ STABLE = ["--model.hidden_size=64", "--model.intermediate_size=160", "--model.nu
 
 @pytest.fixture(scope="module")
 def tool():
-    """The tool's module, imported from its file (registered: its dataclasses look themselves up)."""
-    spec = importlib.util.spec_from_file_location("wsd_grid_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from imported_tool(TOOL, "wsd_grid_tool")
 
 
 def run_tool(*args):
