@@ -127,8 +127,8 @@ def cmd_sweep(args) -> int:
 
 
 # -- report ------------------------------------------------------------------------------------------
-def _shape_label(width: int, depth: Optional[int]) -> str:
-    return f"width {width}" + (f", depth {depth}" if depth is not None else "")
+def _curve_label(width: int, depth: Optional[int], setting: str) -> str:
+    return ", ".join(part for part in (f"width {width}", f"depth {depth}" if depth is not None else "", setting) if part)
 
 
 def write_results(out: Path, results: Sequence[PointResult]) -> None:
@@ -147,15 +147,15 @@ def plot_loss_vs_lr(out: Path, results: Sequence[PointResult], metric: str) -> P
     fig, axes = plt.subplots(1, len(params), figsize=(6 * len(params), 4.5), sharey=True, squeeze=False)
     titles = {"mup": "muP", "sp": "standard parametrisation"}
     for ax, param in zip(axes[0], params):
-        shapes = sorted({(r.width, r.depth or 0) for r in results if r.parametrization == param})
-        for width, depth in shapes:
-            runs = sorted((r for r in results if r.parametrization == param and r.width == width
-                           and (r.depth or 0) == depth and r.status == "ok" and getattr(r, metric) is not None),
-                          key=lambda r: r.lr)
+        curves = sorted({(r.setting, r.width, r.depth or 0) for r in results if r.parametrization == param})
+        for setting, width, depth in curves:
+            runs = sorted((r for r in results if r.parametrization == param and r.setting == setting
+                           and r.width == width and (r.depth or 0) == depth and r.status == "ok"
+                           and getattr(r, metric) is not None), key=lambda r: r.lr)
             if not runs:
                 continue
             xs, ys = [r.lr for r in runs], [getattr(r, metric) for r in runs]
-            line, = ax.plot(xs, ys, marker="o", label=_shape_label(width, depth or None))
+            line, = ax.plot(xs, ys, marker="o", label=_curve_label(width, depth or None, setting))
             best = min(range(len(ys)), key=ys.__getitem__)
             ax.plot([xs[best]], [ys[best]], marker="*", markersize=14, color=line.get_color())
         ax.set_xscale("log")
@@ -184,11 +184,11 @@ def report(out: Path, results: Sequence[PointResult], metric: str) -> None:
         between = f"{b.lr_interpolated:.3g}" if b.lr_interpolated is not None else "-"
         loss = f"{b.loss:.4f}" if b.loss is not None else "-"
         print(f"{b.parametrization:>5} {b.width:>6} {b.depth if b.depth is not None else '-':>5} {lr:>9} {between:>8} "
-              f"{loss:>10}")
+              f"{loss:>10}  {b.setting}".rstrip())
     print("(between: the optimum between grid points, from a parabola in log LR through the best and its neighbours)")
-    for param, spread in optimum_spread(best, [r.lr for r in results]).items():
+    for (param, setting), spread in optimum_spread(best, [r.lr for r in results]).items():
         if spread.grid_steps is not None:
-            line = f"{param}: the best LR moves {spread.grid_steps} grid step{'s' if spread.grid_steps != 1 else ''}"
+            line = f"{param}{f' ({setting})' if setting else ''}: the best LR moves {spread.grid_steps} grid step{'s' if spread.grid_steps != 1 else ''}"
             if spread.factor is not None:
                 line += f", the interpolated optimum by a factor {spread.factor:.2f},"
             print(line + " across shapes")

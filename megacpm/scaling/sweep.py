@@ -168,6 +168,13 @@ class PointResult:
     run_dir: str
 
     @property
+    def setting(self) -> str:
+        """The optional axes of the point other than the shape and the LR ("" when none is swept)."""
+        return ", ".join(f"{tag} {value:g}" for tag, value in (
+            ("init_std", self.init_std), ("scale_emb", self.scale_emb), ("scale_depth", self.scale_depth),
+            ("batch", self.batch_size)) if value is not None)
+
+    @property
     def point(self) -> SweepPoint:
         return SweepPoint(self.parametrization, self.width, self.lr, self.depth, self.init_std, self.scale_emb,
                           self.scale_depth, self.batch_size)
@@ -278,6 +285,7 @@ class BestLR:
     # The vertex of a parabola through the best LR and its two neighbours in (log LR, loss): the
     # optimum between grid points (None at the edge of the grid or where the three are not convex).
     lr_interpolated: Optional[float] = None
+    setting: str = ""  # the swept init_std / scale_emb / scale_depth / batch of this curve, if any
 
 
 def interpolated_minimum(lrs: Sequence[float], losses: Sequence[float]) -> Optional[float]:
@@ -297,16 +305,17 @@ def interpolated_minimum(lrs: Sequence[float], losses: Sequence[float]) -> Optio
 
 
 def best_learning_rates(results: Sequence[PointResult], metric: str = "eval_loss") -> List[BestLR]:
-    """The LR of the lowest loss for each (parametrization, width, depth); other axes must be fixed."""
+    """The LR of the lowest loss on each curve: one parametrisation, shape and setting of the other axes."""
     groups: Dict[tuple, List[PointResult]] = {}
     for r in results:
-        groups.setdefault((r.parametrization, r.width, r.depth), []).append(r)
+        groups.setdefault((r.parametrization, r.setting, r.width, r.depth or 0), []).append(r)
     best = []
-    for (param, width, depth), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+    for (param, setting, width, _), members in sorted(groups.items()):
+        depth = members[0].depth
         lrs = sorted({m.lr for m in members})
         scored = [m for m in members if m.status == "ok" and getattr(m, metric) is not None]
         if not scored:
-            best.append(BestLR(param, width, depth, None, None, False))
+            best.append(BestLR(param, width, depth, None, None, False, setting=setting))
             continue
         winner = min(scored, key=lambda m: getattr(m, metric))
         # The parabola needs the neighbours on the LR grid themselves (a diverged neighbour: none).
@@ -315,7 +324,8 @@ def best_learning_rates(results: Sequence[PointResult], metric: str = "eval_loss
         contiguous = len(curve) == len(lrs)
         best.append(BestLR(param, width, depth, winner.lr, getattr(winner, metric),
                            len(lrs) > 1 and winner.lr in (lrs[0], lrs[-1]),
-                           interpolated_minimum(*zip(*curve)) if contiguous and len(curve) >= 3 else None))
+                           interpolated_minimum(*zip(*curve)) if contiguous and len(curve) >= 3 else None,
+                           setting))
     return best
 
 
@@ -325,14 +335,14 @@ class Spread:
     factor: Optional[float]  # largest / smallest interpolated optimum (None unless every shape has one)
 
 
-def optimum_spread(best: Sequence[BestLR], lrs: Sequence[float]) -> Dict[str, Spread]:
-    """For each parametrisation, how far apart the best LRs of the different shapes are."""
+def optimum_spread(best: Sequence[BestLR], lrs: Sequence[float]) -> Dict[Tuple[str, str], Spread]:
+    """For each (parametrisation, setting), how far apart the best LRs of the different shapes are."""
     grid = sorted(set(lrs))
-    spread: Dict[str, Spread] = {}
-    for param in sorted({b.parametrization for b in best}):
-        mine = [b for b in best if b.parametrization == param]
+    spread: Dict[Tuple[str, str], Spread] = {}
+    for param, setting in sorted({(b.parametrization, b.setting) for b in best}):
+        mine = [b for b in best if b.parametrization == param and b.setting == setting]
         found = [grid.index(b.lr) for b in mine if b.lr in grid]
         smooth = [b.lr_interpolated for b in mine]
-        spread[param] = Spread(max(found) - min(found) if found else None,
+        spread[param, setting] = Spread(max(found) - min(found) if found else None,
                                max(smooth) / min(smooth) if smooth and None not in smooth else None)
     return spread

@@ -35,8 +35,24 @@ def test_best_learning_rates_and_spread():
     assert best["sp", 128].lr_interpolated == pytest.approx(0.0045)
     assert not any(b.edge for b in best.values())
     spread = optimum_spread(list(best.values()), LRS)
-    assert spread["mup"].grid_steps == 0 and spread["mup"].factor == pytest.approx(13 / 11)
-    assert spread["sp"].grid_steps == 2 and spread["sp"].factor == pytest.approx(0.018 / 0.0045)
+    assert spread["mup", ""].grid_steps == 0 and spread["mup", ""].factor == pytest.approx(13 / 11)
+    assert spread["sp", ""].grid_steps == 2 and spread["sp", ""].factor == pytest.approx(0.018 / 0.0045)
+
+
+def test_each_setting_of_the_other_axes_is_its_own_curve():
+    """A sweep over init_std as well: the best LR is per (width, init_std), never across init stds."""
+    def with_std(results, std):
+        return [PointResult(**{**r.__dict__, "init_std": std}) for r in results]
+
+    results = (with_std(parabola_results("mup", 64, 0.006), 0.05) + with_std(parabola_results("mup", 64, 0.025), 0.2)
+               + with_std(parabola_results("mup", 128, 0.006), 0.05) + with_std(parabola_results("mup", 128, 0.025), 0.2))
+    best = {(b.setting, b.width): b for b in best_learning_rates(results)}
+    assert set(best) == {("init_std 0.05", 64), ("init_std 0.05", 128), ("init_std 0.2", 64), ("init_std 0.2", 128)}
+    assert best["init_std 0.05", 64].lr == 0.005 and best["init_std 0.2", 128].lr == 0.02
+    assert best["init_std 0.05", 64].lr_interpolated == pytest.approx(0.006)
+    assert best["init_std 0.2", 128].lr_interpolated == pytest.approx(0.025)
+    spread = optimum_spread(list(best.values()), LRS)
+    assert spread["mup", "init_std 0.05"].grid_steps == 0 and spread["mup", "init_std 0.2"].grid_steps == 0
 
 
 def test_diverged_runs_are_not_best_and_edges_are_flagged():
