@@ -8,10 +8,11 @@
 
 `sweep` trains every point of the grid (parametrisation x shape x LR [x init std x scale_emb x
 scale_depth x batch size]) through the normal trainer, each in its own process under DIR/runs/,
-`--jobs` at a time; a rerun skips finished points. Shapes are `--widths` at one `--depth`, or
-`--shapes 320x8 512x12`, or the paper's proxies with `--proxies 9m 36m`. Each run warms up over
-`--warmup-frac` of its steps, and decays exponentially (MiniCPM's WSD) over the last
-`--decay-frac` (0: constant LR), then is evaluated once on the validation split.
+`--jobs` at a time (each on `--nproc-per-point` processes under torchrun); a rerun skips finished
+points. Shapes are `--widths` at one `--depth`, or `--shapes 320x8 512x12`, or the paper's proxies
+with `--proxies 9m 36m`. Each run warms up over `--warmup-frac` of its steps, and decays
+exponentially (MiniCPM's WSD) over the last `--decay-frac` (0: constant LR), then is evaluated once
+on the validation split.
 
 `report` prints the best LR per parametrisation and shape and how many grid steps the optimum
 moves across widths: under muP it should stay put, under the standard parametrisation (`sp`: one
@@ -106,7 +107,8 @@ def cmd_sweep(args) -> int:
     base_cfg = load_config(spec.base)
     for point in points:
         try:
-            validate(load_config(spec.base, train_overrides(spec, point, base_cfg, out / "runs" / point.name)))
+            validate(load_config(spec.base, train_overrides(spec, point, base_cfg, out / "runs" / point.name)),
+                     world_size=args.nproc_per_point)
         except ConfigError as exc:
             raise ToolError(f"point {point.name}: {exc}") from None
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,7 @@ def cmd_sweep(args) -> int:
               f"({result.seconds:.0f} s)", flush=True)
 
     results = run_sweep(spec, out, jobs=args.jobs, threads=args.threads, keep_checkpoints=args.keep_checkpoints,
-                        on_result=progress)
+                        on_result=progress, nproc=args.nproc_per_point)
     report(out, results, args.metric)
     return 1 if any(r.status == "failed" for r in results) else 0
 
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--override", type=_override, action="append", default=[], metavar="KEY=VALUE",
                        help="another config override for every run (repeatable)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    sweep.add_argument("--nproc-per-point", type=int, default=1,
+                       help="processes per run, under torchrun (layout via --override parallel.tp=...; "
+                            "concurrent runs get disjoint GPUs)")
     sweep.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     sweep.add_argument("--keep-checkpoints", action="store_true", help="keep each run's final checkpoint")
     sweep.add_argument("--metric", choices=METRICS, default="eval_loss")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -196,8 +197,29 @@ def _finite_or_none(value: Optional[float]) -> Optional[float]:
     return value if value is not None and math.isfinite(value) else None
 
 
+def train_command(base: str, args: List[str], nproc: int) -> List[str]:
+    """``megacpm train`` in one process, or under torchrun with ``nproc`` local workers (parallel.*
+    overrides choose their layout; --standalone picks a free rendezvous port per point)."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "megacpm", "train", base, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "megacpm", "train", base, *args]
+
+
+def slot_environment(slot: int, nproc: int) -> Dict[str, str]:
+    """The environment of a point run in job slot ``slot``: on a GPU machine, concurrent points get
+    disjoint GPUs (slot k: GPUs k*nproc .. (k+1)*nproc - 1) unless the user pinned CUDA_VISIBLE_DEVICES."""
+    env = dict(os.environ)
+    if "CUDA_VISIBLE_DEVICES" not in env:
+        import torch
+
+        if torch.cuda.device_count() >= (slot + 1) * nproc:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * nproc + i) for i in range(nproc))
+    return env
+
+
 def run_point(spec: SweepSpec, point: SweepPoint, out: Path, base_cfg, threads: int = 0,
-              keep_checkpoints: bool = False) -> PointResult:
+              keep_checkpoints: bool = False, nproc: int = 1, slot: int = 0) -> PointResult:
     """Train one point (or read its result when it already finished)."""
     run_dir = out / "runs" / point.name
     result_file = run_dir / RESULT_FILE
@@ -209,10 +231,10 @@ def run_point(spec: SweepSpec, point: SweepPoint, out: Path, base_cfg, threads: 
     args = train_overrides(spec, point, base_cfg, run_dir)
     if threads:
         args.append(f"--train.num_threads={threads}")
-    command = [sys.executable, "-m", "megacpm", "train", spec.base, *args]
+    command = train_command(spec.base, args, nproc)
     started = time.monotonic()
     with open(run_dir / "train.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=slot_environment(slot, nproc)).returncode
     seconds = time.monotonic() - started
     eval_loss, train_loss, tokens = summarize_metrics(read_metrics(run_dir))
     output = (run_dir / "train.log").read_text(errors="replace")
@@ -245,8 +267,8 @@ def cost_estimate(spec: SweepSpec, point: SweepPoint, base_cfg) -> float:
 
 
 def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, threads: int = 0, keep_checkpoints: bool = False,
-              on_result: Optional[Callable[[PointResult], None]] = None) -> List[PointResult]:
-    """Run every point of the grid, ``jobs`` at a time; results in grid order."""
+              on_result: Optional[Callable[[PointResult], None]] = None, nproc: int = 1) -> List[PointResult]:
+    """Run every point of the grid, ``jobs`` at a time (each on ``nproc`` processes); results in grid order."""
     from megacpm.config import load_config
 
     base_cfg = load_config(spec.base)
@@ -254,8 +276,17 @@ def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, threads: int = 0, keep_
     out.mkdir(parents=True, exist_ok=True)
     order = sorted(points, key=lambda p: -cost_estimate(spec, p, base_cfg))  # longest first: less idle tail
 
+    free_slots: "queue.Queue[int]" = queue.Queue()
+    for slot in range(max(1, jobs)):
+        free_slots.put(slot)
+
     def one(point: SweepPoint) -> PointResult:
-        result = run_point(spec, point, out, base_cfg, threads=threads, keep_checkpoints=keep_checkpoints)
+        slot = free_slots.get()  # which devices this point may use, while it runs
+        try:
+            result = run_point(spec, point, out, base_cfg, threads=threads, keep_checkpoints=keep_checkpoints,
+                               nproc=nproc, slot=slot)
+        finally:
+            free_slots.put(slot)
         if on_result is not None:
             on_result(result)
         return result

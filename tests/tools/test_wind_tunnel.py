@@ -130,3 +130,20 @@ def test_a_diverged_point_is_recorded_and_not_retried(tmp_path):
     before = marker.stat().st_mtime_ns
     assert tool(*args).returncode == 0
     assert marker.stat().st_mtime_ns == before  # read back, not trained again
+
+
+@pytest.mark.slow
+def test_points_under_torchrun_match_single_process_points(tmp_path):
+    """--nproc-per-point 2 runs each point data-parallel on 2 gloo processes: the same losses."""
+    losses = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        result = tool("sweep", "--out", str(out), "--widths", "64", "--lrs", "0.01", "--parametrization", "mup",
+                      "--nproc-per-point", str(nproc), "--threads", "1", *SMALL[:-1], "train.micro_batch_size=2")
+        assert result.returncode == 0, result.stdout + result.stderr
+        (run_dir,) = (out / "runs").iterdir()
+        if nproc == 2:
+            assert "dp 2" in (run_dir / "train.log").read_text()
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[nproc] = [r.get("loss", r.get("eval_loss")) for r in records]
+    assert losses[1] == pytest.approx(losses[2], abs=1e-4)
