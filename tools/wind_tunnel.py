@@ -39,7 +39,7 @@ from megacpm.plotting import pyplot, save_png
 from megacpm.scaling.batch_size import optimal_batch_sizes, smooth
 from megacpm.scaling.laws import PAPER_BATCH_SIZE_LAW, FitError, fit_batch_size_law
 from megacpm.scaling.sweep import (RESULT_COLUMNS, PointResult, SweepError, SweepSpec, best_learning_rates,
-                                   load_results, optimum_spread, run_sweep)
+                                   load_results, optimum_spread, run_sweep, train_overrides)
 from megacpm.train.callbacks import read_metrics
 
 # The paper's wind-tunnel proxies (head_dim 64, d_ff = 2.5 d_m): name -> (d_m, layers).
@@ -102,8 +102,6 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     # Every point's config is checked before the first run starts: a typo fails in a second, not
     # after an hour of sweeping.
-    from megacpm.scaling.sweep import train_overrides
-
     base_cfg = load_config(spec.base)
     for point in points:
         try:

@@ -13,6 +13,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megacpm.scaling.optimum import interpolated_minimum
+
 Curve = Tuple[Sequence[float], Sequence[float]]  # (tokens consumed, training loss), in step order
 
 
@@ -73,11 +75,6 @@ def optimal_batch_sizes(curves: Mapping[int, Curve], levels: Sequence[float],
         best = min(range(len(reached)), key=lambda i: reached[i][1])
         edge = best in (0, len(reached) - 1)
         batch, tokens = reached[best]
-        if not edge:
-            x = np.log([reached[best + k][0] for k in (-1, 0, 1)])
-            y = np.log([reached[best + k][1] for k in (-1, 0, 1)])
-            curvature, slope, _ = np.polyfit(x, y, 2)
-            if curvature > 0:
-                batch = math.exp(float(np.clip(-slope / (2 * curvature), x[0], x[2])))
-        found.append(OptimalBatch(float(level), float(batch), float(tokens), edge))
+        refined = interpolated_minimum([b for b, _ in reached], [math.log(t) for _, t in reached])
+        found.append(OptimalBatch(float(level), float(refined or batch), float(tokens), edge))
     return found

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megacpm.checkpoint.atomic import write_text_atomic
+from megacpm.scaling.optimum import interpolated_minimum
 from megacpm.train.callbacks import read_metrics
 
 PARAMETRIZATIONS = ("mup", "sp")
@@ -317,22 +318,6 @@ class BestLR:
     # optimum between grid points (None at the edge of the grid or where the three are not convex).
     lr_interpolated: Optional[float] = None
     setting: str = ""  # the swept init_std / scale_emb / scale_depth / batch of this curve, if any
-
-
-def interpolated_minimum(lrs: Sequence[float], losses: Sequence[float]) -> Optional[float]:
-    """The LR at the vertex of the parabola through the lowest loss and its neighbours (log LR axis)."""
-    best = min(range(len(losses)), key=losses.__getitem__)
-    if best in (0, len(losses) - 1):
-        return None
-    x = [math.log(lrs[best + k]) for k in (-1, 0, 1)]
-    y = [losses[best + k] for k in (-1, 0, 1)]
-    # Divided differences: y = y1 + s1 (x - x1) + c (x - x1)(x - x2) (no fitting library needed).
-    s1, s2 = (y[1] - y[0]) / (x[1] - x[0]), (y[2] - y[1]) / (x[2] - x[1])
-    curvature = (s2 - s1) / (x[2] - x[0])
-    if curvature <= 0:
-        return None
-    vertex = (x[0] + x[1]) / 2 - s1 / (2 * curvature)
-    return math.exp(min(max(vertex, x[0]), x[2]))
 
 
 def best_learning_rates(results: Sequence[PointResult], metric: str = "eval_loss") -> List[BestLR]:

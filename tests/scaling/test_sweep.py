@@ -4,8 +4,9 @@ import math
 import pytest
 
 from megacpm.config import load_config
+from megacpm.scaling.optimum import interpolated_minimum
 from megacpm.scaling.sweep import (PointResult, SweepError, SweepPoint, SweepSpec, best_learning_rates,
-                                   interpolated_minimum, optimum_spread, train_overrides)
+                                   optimum_spread, train_overrides)
 
 LRS = [0.0025, 0.005, 0.01, 0.02, 0.04]
 
