@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from megacpm.checkpoint.atomic import atomic_directory
+from megacpm.io.atomic import atomic_directory
 from megacpm.checkpoint.manager import CheckpointError
 from megacpm.config import Config, ModelConfig, load_config
 from megacpm.config.loader import config_from_dict

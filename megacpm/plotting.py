@@ -21,7 +21,7 @@ def pyplot():
 def save_png(fig, path: Path, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` under a temporary name, then rename (a reader never sees half a PNG),
     and close it."""
-    from megacpm.checkpoint.atomic import write_bytes_atomic
+    from megacpm.io.atomic import write_bytes_atomic
 
     buffer = io.BytesIO()
     try:

@@ -40,7 +40,7 @@ def _parse_size(text: str) -> int:
 
 def hf_to_megacpm(args) -> str:
     from megacpm.checkpoint import save_weights
-    from megacpm.checkpoint.atomic import atomic_directory
+    from megacpm.io.atomic import atomic_directory
     from megacpm.huggingface import model_config_from_hf, read_hf_weights
 
     model_cfg = model_config_from_hf(Path(args.input))

@@ -34,13 +34,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megacpm.checkpoint.atomic import write_text_atomic
+from megacpm.io.atomic import write_text_atomic
 from megacpm.plotting import pyplot, save_png
 from megacpm.scaling.batch_size import optimal_batch_sizes, smooth
 from megacpm.scaling.laws import PAPER_BATCH_SIZE_LAW, FitError, fit_batch_size_law
 from megacpm.scaling.sweep import (RESULT_COLUMNS, PointResult, SweepError, SweepSpec, best_learning_rates,
                                    load_results, optimum_spread, run_sweep, train_overrides)
-from megacpm.train.callbacks import read_metrics
+from megacpm.io.run_dir import read_metrics
 
 # The paper's wind-tunnel proxies (head_dim 64, d_ff = 2.5 d_m): name -> (d_m, layers).
 PAPER_PROXIES = {"9m": (320, 8), "36m": (512, 12), "66m": (640, 14), "0.1b": (768, 16), "0.17b": (896, 18),

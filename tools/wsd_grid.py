@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megacpm.checkpoint import CheckpointError  # noqa: E402
-from megacpm.checkpoint.atomic import write_text_atomic  # noqa: E402
+from megacpm.io.atomic import write_text_atomic  # noqa: E402
 from megacpm.checkpoint.branch import LINEAGE, create_branch, resolve_checkpoint  # noqa: E402
 from megacpm.config import Config, ConfigError, dump_yaml, load_config, validate  # noqa: E402
 from megacpm.optim.schedule import DECAYS, LRSchedule  # noqa: E402
@@ -201,7 +201,7 @@ def create_branches(run: Path, branches: Sequence[Branch]) -> None:
 
 # -- training ----------------------------------------------------------------------------------------
 def read_records(directory: Path) -> List[dict]:
-    from megacpm.train.callbacks import read_metrics
+    from megacpm.io.run_dir import read_metrics
 
     return [r for r in read_metrics(directory) if isinstance(r, dict)]
 

@@ -1,7 +1,7 @@
 """Checkpoints: atomic writes, DCP-based save/load in model space, the ``latest`` pointer.
 
 The names below are loaded on first use (PEP 562): importing a light submodule such as
-``megacpm.checkpoint.atomic`` must not pull in torch.distributed.checkpoint and the trainer (about a
+``megacpm.io.atomic`` must not pull in torch.distributed.checkpoint and the trainer (about a
 second per process, paid by every data-preprocessing worker otherwise).
 """
 import importlib

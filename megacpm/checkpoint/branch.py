@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from megacpm.checkpoint.atomic import TMP_PREFIX, atomic_directory
+from megacpm.io.atomic import TMP_PREFIX, atomic_directory
 from megacpm.checkpoint.manager import (LATEST, STEP_DIR, CheckpointError, checkpoints_dir, latest_checkpoint,
                                         read_trainer_state)
-from megacpm.train.callbacks import read_metrics
+from megacpm.io.run_dir import read_metrics
 
 LINEAGE = "lineage.json"
 

@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megacpm.checkpoint.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
+from megacpm.io.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
 from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
 from megacpm.parallel.context import ParallelContext

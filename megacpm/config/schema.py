@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -158,6 +158,13 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True  # console progress bar
     nvml: bool = True  # GPU memory / utilisation when nvidia-ml-py and a GPU are present
+    # Weights & Biases (optional package wandb), rank 0 only. "offline" writes RUN/wandb/ for a
+    # later `wandb sync` and needs no network.
+    wandb: bool = False
+    wandb_project: str = "megacpm"
+    wandb_mode: str = "online"  # "online" | "offline"
+    # torch.profiler traces of these steps, every rank, under RUN/profile/ (TensorBoard or Perfetto).
+    profile_steps: Optional[List[int]] = None
 
 
 @dataclass

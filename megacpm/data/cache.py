@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from megacpm.checkpoint import atomic  # the same crash-safe write as checkpoints (the package imports lazily)
+from megacpm.io import atomic  # the same crash-safe write as checkpoints
 
 CACHE_ENV_VAR = "MEGACPM_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/megacpm"

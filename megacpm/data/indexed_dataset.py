@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from megacpm.checkpoint.atomic import fsync_dir, tmp_sibling
+from megacpm.io.atomic import fsync_dir, tmp_sibling
 from megacpm.data.build import UINT16_VOCAB_LIMIT
 from megacpm.data.errors import DataError
 

@@ -28,9 +28,9 @@ from itertools import product
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from megacpm.checkpoint.atomic import write_text_atomic
+from megacpm.io.atomic import write_text_atomic
 from megacpm.scaling.optimum import interpolated_minimum
-from megacpm.train.callbacks import read_metrics
+from megacpm.io.run_dir import read_metrics
 
 PARAMETRIZATIONS = ("mup", "sp")
 RESULT_FILE = "result.json"

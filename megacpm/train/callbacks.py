@@ -12,24 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+
 Record = Dict[str, Any]
-
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(run_dir: Path) -> List[Dict]:
-    """The records of RUN/metrics.jsonl in order ([] when there is none), skipping a line torn by a crash."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 class MetricsFile:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from megacpm.checkpoint import (PendingSave, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,
                                 save_checkpoint_async)
-from megacpm.checkpoint.atomic import write_text_atomic
+from megacpm.io.atomic import write_text_atomic
 from megacpm.config import Config, dump_yaml
 from megacpm.data import DataBundle, DataError, build_datasets, data_signature, get_batch
 from megacpm.optim import LRSchedule

@@ -7,7 +7,7 @@ import torch
 
 from megacpm.checkpoint import (CheckpointError, TrainerState, latest_checkpoint, list_checkpoints,
                                 load_checkpoint, save_checkpoint)
-from megacpm.checkpoint.atomic import atomic_directory, write_text_atomic
+from megacpm.io.atomic import atomic_directory, write_text_atomic
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.parallel_step import ParallelStep
 from tests.tiny_run import LR, global_batches, make_config

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from megacpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from megacpm.checkpoint.atomic import TMP_PREFIX
+from megacpm.io.atomic import TMP_PREFIX
 from megacpm.config import load_config
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.parallel_step import ParallelStep
