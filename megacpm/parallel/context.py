@@ -9,25 +9,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megacpm.parallel.layout import ParallelLayout
-
-GROUP_KINDS = ("tp", "dp", "pp", "embedding", "model_parallel")
-
-
-def _groups_of(layout: ParallelLayout, kind: str) -> List[List[int]]:
-    return {
-        "tp": layout.tp_groups,
-        "dp": layout.dp_groups,
-        "pp": layout.pp_groups,
-        "embedding": layout.embedding_groups,
-        "model_parallel": layout.model_parallel_groups,
-    }[kind]()
-
+from megacpm.parallel.layout import GROUP_KINDS, ParallelLayout
 
 @dataclass
 class ParallelContext:
@@ -48,7 +35,8 @@ class ParallelContext:
 
     @classmethod
     def initialize(cls, tp: int = 1, pp: int = 1, vpp: int = 1, timeout_s: float = 600.0,
-                   backend: Optional[str] = None, device_type: Optional[str] = None) -> "ParallelContext":
+                   backend: Optional[str] = None, device_type: Optional[str] = None,
+                   cp: int = 1, ep: int = 1) -> "ParallelContext":
         """Join the default process group (from torchrun's environment) and build every group.
 
         ``device_type`` "cuda" puts this rank on GPU LOCAL_RANK (NCCL), "cpu" keeps it on the CPU
@@ -56,7 +44,7 @@ class ParallelContext:
         after ``timeout_s`` instead of hanging.
         """
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        layout = ParallelLayout(world_size, tp, pp, vpp)  # validates before any group exists
+        layout = ParallelLayout(world_size, tp, pp, vpp, cp, ep)  # validates before any group exists
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device_type is None:
             device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,12 +61,16 @@ class ParallelContext:
         rank = dist.get_rank()
         groups: Dict[str, Optional[dist.ProcessGroup]] = {}
         group_ranks: Dict[str, List[int]] = {}
+        # Kinds spanning the same ranks (dp and dp_cp while cp is 1) share one process group.
+        created: Dict[Tuple[int, ...], dist.ProcessGroup] = {}
         for kind in GROUP_KINDS:
             # Every rank must create every group, in the same order, even those it is not in.
-            for ranks in _groups_of(layout, kind):
-                group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
+            for ranks in layout.named_groups(kind):
+                key = tuple(ranks)
+                if key not in created:
+                    created[key] = dist.new_group(ranks, timeout=datetime.timedelta(seconds=timeout_s))
                 if rank in ranks:
-                    groups[kind], group_ranks[kind] = group, ranks
+                    groups[kind], group_ranks[kind] = created[key], ranks
         background = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         return cls(layout, rank, device, groups, group_ranks, background)
 
@@ -91,17 +83,21 @@ class ParallelContext:
     def world_size(self) -> int:
         return self.layout.world_size
 
+    def coord(self, axis: str) -> int:
+        """This rank's index along a parallel axis (tp, cp, dp, pp)."""
+        return self.layout.coords(self.rank)[axis]
+
     @property
     def tp_rank(self) -> int:
-        return self.layout.coordinates(self.rank)[0]
+        return self.coord("tp")
 
     @property
     def dp_rank(self) -> int:
-        return self.layout.coordinates(self.rank)[1]
+        return self.coord("dp")
 
     @property
     def pp_rank(self) -> int:
-        return self.layout.coordinates(self.rank)[2]
+        return self.coord("pp")
 
     @property
     def is_first_stage(self) -> bool:
@@ -112,7 +108,10 @@ class ParallelContext:
         return self.pp_rank == self.layout.pp - 1
 
     def group(self, kind: str) -> Optional[dist.ProcessGroup]:
-        return self.groups.get(kind)
+        """This rank's process group of one of GROUP_KINDS (None in a single process)."""
+        if kind not in self.groups:
+            raise KeyError(f"unknown process group kind {kind!r} (kinds: {', '.join(GROUP_KINDS)})")
+        return self.groups[kind]
 
 
 # Messages of the backends' errors when a peer is gone or silent (gloo raises plain RuntimeErrors).

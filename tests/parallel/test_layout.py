@@ -10,23 +10,38 @@ from tests.distributed import run_distributed
 def test_tp_is_fastest_and_groups_partition_the_world():
     layout = ParallelLayout(world_size=16, tp=2, pp=2)
     assert layout.dp == 4
-    assert layout.tp_groups()[0] == [0, 1]  # consecutive: inside one node
-    assert layout.coordinates(7) == (1, 3, 0) and layout.rank_of(1, 3, 0) == 7
-    assert layout.coordinates(8) == (0, 0, 1)
-    for groups, size in ((layout.tp_groups(), 2), (layout.dp_groups(), 4), (layout.pp_groups(), 2),
-                         (layout.model_parallel_groups(), 4)):
+    assert layout.named_groups("tp")[0] == [0, 1]  # consecutive: inside one node
+    assert layout.coords(7) == dict(tp=1, cp=0, dp=3, pp=0) and layout.rank_at(tp=1, dp=3, pp=0) == 7
+    assert layout.coords(8) == dict(tp=0, cp=0, dp=0, pp=1)
+    for groups, size in ((layout.named_groups("tp"), 2), (layout.named_groups("dp"), 4),
+                         (layout.named_groups("pp"), 2), (layout.named_groups("model_parallel"), 4)):
         flat = sorted(r for g in groups for r in g)
         assert flat == list(range(16)) and all(len(g) == size for g in groups)
-    assert layout.pp_groups()[0] == [0, 8]
-    assert layout.embedding_groups()[0] == [0, 8]
+    assert layout.named_groups("pp")[0] == [0, 8]
+    assert layout.named_groups("embedding")[0] == [0, 8]
     # A rank's TP peers share its dp and pp coordinates; its DP peers share tp and pp.
-    for group in layout.dp_groups():
-        assert len({layout.coordinates(r)[0] for r in group}) == 1
-        assert len({layout.coordinates(r)[2] for r in group}) == 1
+    for group in layout.named_groups("dp"):
+        assert len({layout.coords(r)["tp"] for r in group}) == 1
+        assert len({layout.coords(r)["pp"] for r in group}) == 1
+
+
+def test_context_and_expert_axes():
+    # cp sits between tp and dp; ep blocks consecutive DP ranks, expert_dp strides over the blocks.
+    layout = ParallelLayout(world_size=16, tp=2, cp=2, ep=2)
+    assert layout.dp == 4
+    assert layout.named_groups("cp")[0] == [0, 2]
+    assert layout.named_groups("dp")[0] == [0, 4, 8, 12]
+    assert layout.named_groups("dp_cp")[0] == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert layout.named_groups("ep")[:2] == [[0, 4], [8, 12]]
+    assert layout.named_groups("expert_dp")[:2] == [[0, 8], [4, 12]]
+    for kind in ("cp", "dp", "dp_cp", "ep", "expert_dp", "model_parallel"):
+        assert sorted(r for g in layout.named_groups(kind) for r in g) == list(range(16)), kind
+    with pytest.raises(LayoutError, match=r"parallel\.ep"):
+        ParallelLayout(world_size=12, tp=2, ep=4)
 
 
 def test_single_stage_embedding_group_is_one_rank():
-    assert ParallelLayout(4, tp=2, pp=1).embedding_groups() == [[0], [1], [2], [3]]
+    assert ParallelLayout(4, tp=2, pp=1).named_groups("embedding") == [[0], [1], [2], [3]]
 
 
 @pytest.mark.parametrize("kwargs, key", [
@@ -45,14 +60,14 @@ def _group_sums(tp, pp):
         value = torch.tensor([float(ctx.rank)])
         dist.all_reduce(value, group=ctx.group(kind))
         out[kind] = (value.item(), sum(ctx.group_ranks[kind]))
-    return ctx.rank, (ctx.tp_rank, ctx.dp_rank, ctx.pp_rank), out
+    return ctx.rank, dict(tp=ctx.tp_rank, cp=ctx.coord("cp"), dp=ctx.dp_rank, pp=ctx.pp_rank), out
 
 
 def test_groups_built_by_gloo_processes_reduce_over_the_right_ranks():
     results = run_distributed(_group_sums, world_size=8, args=(2, 2))
     layout = ParallelLayout(8, tp=2, pp=2)
     for rank, coords, sums in results:
-        assert coords == layout.coordinates(rank)
+        assert coords == layout.coords(rank)
         for kind, (reduced, expected) in sums.items():
             assert reduced == expected, (rank, kind)
 
