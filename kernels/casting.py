@@ -1,8 +1,8 @@
 """Round-to-nearest-even stores that are also correct under Triton's CPU interpreter.
 
 The interpreter's fp32 -> bf16 cast truncates (up to 1 ulp off), while torch and a GPU round to
-nearest even. Kernels store through ``cast_rne(x, DTYPE, EXACT_BF16)`` and their launchers pass
-``EXACT_BF16=interpreter_enabled()``: under the interpreter bf16 is rounded by hand on the bit
+nearest even. Kernels store through ``cast_rne(x, DTYPE, ROUND_BF16)`` and their launchers pass
+``ROUND_BF16=round_bf16()`` (megacpm.kernels.launch): under the interpreter bf16 is rounded by hand on the bit
 pattern, on a GPU the native cast is used unchanged.
 """
 from .dispatch import tl, triton
@@ -10,9 +10,9 @@ from .dispatch import tl, triton
 if triton is not None:
 
     @triton.jit
-    def cast_rne(x, DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr):
+    def cast_rne(x, DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
         """x (fp32) cast to DTYPE, rounding to nearest even; NaN keeps the native cast."""
-        if EXACT_BF16 and DTYPE == tl.bfloat16:
+        if ROUND_BF16 and DTYPE == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
             exact = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -19,12 +19,15 @@ fixed block, and saves only the fp32 log-sum-exp per row. The backward kernel re
 from the saved lse: grad = (softmax(x) * (1 + 2 z lse) - onehot(label)) * logit_scale * grad_out.
 Offsets are int64 (vocab x tokens overflows int32); every load is converted to fp32 at once (also what
 the Triton CPU interpreter needs: its bf16 arithmetic is wrong); strides are passed for every tensor.
-Under the interpreter only, bf16 gradient stores are rounded to nearest-even by hand (BF16_RNE): the
+Under the interpreter only, bf16 gradient stores are rounded to nearest-even by hand (ROUND_BF16): the
 interpreter's fp32 -> bf16 cast truncates, where a GPU's rounds.
 
 The kernels are shared with fused_linear_cross_entropy (whose forward writes the logits' gradient in
-place of the logits, ``_ce_forward`` with ``grad_rows``) and vocab_parallel_cross_entropy (local row
-statistics, ``_row_stats``; the backward with a column offset).
+place of the logits, ``ce_forward`` with ``grad_rows``) and vocab_parallel_cross_entropy (local row
+statistics, ``row_stats``; the backward with a column offset), through the section "Internal API shared
+by the fused and vocab-parallel losses" below: its names are the only ones those modules import.
+Block sizes and num_warps come from megacpm.kernels.launch (``default_block_size`` is its rule capped at
+MAX_BLOCK).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from megacpm.kernels.dispatch import interpreter_enabled, tl, triton, use_triton
+from megacpm.kernels.dispatch import tl, triton, use_triton
+from megacpm.kernels.launch import launch_settings, num_warps_for, round_bf16
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -40,16 +44,14 @@ MAX_BLOCK = 4096  # vocab columns per loop iteration of a program
 
 
 def default_block_size(n_cols: int) -> int:
-    return min(MAX_BLOCK, max(16, 1 << (int(n_cols) - 1).bit_length()))
+    """Vocabulary columns per loop iteration: megacpm.kernels.launch's rule capped at MAX_BLOCK."""
+    return launch_settings(n_cols, max_block=MAX_BLOCK)[0]
 
 
-def _bf16_rne(out: torch.Tensor) -> bool:
-    """Round bf16 stores explicitly: the interpreter's fp32 -> bf16 cast truncates (up to 1 ulp off)."""
-    return out.dtype == torch.bfloat16 and interpreter_enabled()
-
-
-def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+def _launch(n_cols: int, block_size: Optional[int]) -> Tuple[int, int]:
+    """(BLOCK, num_warps) for rows of n_cols columns, ``block_size`` overriding the block."""
+    block = block_size or default_block_size(n_cols)
+    return block, num_warps_for(block)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ if triton is not None:
 
     @triton.jit
     def _write_grad_row_scaled(x_row, stride_xc, g_row, stride_gc, n_cols, target, lse, coef, row_factor,
-                               scale, BLOCK: tl.constexpr, BF16_RNE: tl.constexpr):
+                               scale, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
         """g = (exp(x * scale - lse) * coef - onehot(target)) * row_factor for raw logits x.
 
         g_row may alias x_row: each block is read before it is overwritten, by the same program."""
@@ -91,14 +93,14 @@ if triton is not None:
             x = tl.load(x_row + cols.to(tl.int64) * stride_xc, mask=mask, other=0.0).to(tl.float32)
             p = tl.exp(x * scale - lse)
             grad = (p * coef - tl.where(cols == target, 1.0, 0.0)) * row_factor
-            tl.store(g_row + cols.to(tl.int64) * stride_gc, cast_rne(grad, g_row.dtype.element_ty, BF16_RNE), mask=mask)
+            tl.store(g_row + cols.to(tl.int64) * stride_gc, cast_rne(grad, g_row.dtype.element_ty, ROUND_BF16), mask=mask)
 
     @triton.jit
     def _ce_fwd_kernel(x_ptr, stride_xr, stride_xc, labels_ptr, stride_l, loss_ptr, lse_ptr,
                        g_ptr, stride_gr, stride_gc, gscale_ptr, stride_gs,
                        n_cols, scale, ignore_index, z_loss,
                        BLOCK: tl.constexpr, HAS_Z: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                       BF16_RNE: tl.constexpr):
+                       ROUND_BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * stride_xr
         label = tl.load(labels_ptr + row * stride_l).to(tl.int64)
@@ -118,13 +120,13 @@ if triton is not None:
             if HAS_Z:
                 coef += 2.0 * z_loss * lse
             _write_grad_row_scaled(x_row, stride_xc, g_ptr + row * stride_gr, stride_gc, n_cols, label,
-                                   lse, coef, row_factor, scale, BLOCK, BF16_RNE)
+                                   lse, coef, row_factor, scale, BLOCK, ROUND_BF16)
 
     @triton.jit
     def _ce_bwd_kernel(x_ptr, stride_xr, stride_xc, labels_ptr, stride_l, lse_ptr, stride_lse,
                        gout_ptr, stride_go, g_ptr, stride_gr, stride_gc,
                        n_cols, col_offset, scale, ignore_index, z_loss,
-                       BLOCK: tl.constexpr, HAS_Z: tl.constexpr, BF16_RNE: tl.constexpr):
+                       BLOCK: tl.constexpr, HAS_Z: tl.constexpr, ROUND_BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row * stride_l).to(tl.int64)
         valid = label != ignore_index
@@ -136,7 +138,7 @@ if triton is not None:
         if HAS_Z:
             coef += 2.0 * z_loss * lse
         _write_grad_row_scaled(x_ptr + row * stride_xr, stride_xc, g_ptr + row * stride_gr, stride_gc,
-                               n_cols, target, lse, coef, row_factor, scale, BLOCK, BF16_RNE)
+                               n_cols, target, lse, coef, row_factor, scale, BLOCK, ROUND_BF16)
 
     @triton.jit
     def _row_stats_kernel(x_ptr, stride_xr, stride_xc, labels_ptr, stride_l, m_ptr, d_ptr, t_ptr,
@@ -154,10 +156,32 @@ if triton is not None:
         tl.store(t_ptr + row, _target_logit(x_row, stride_xc, target, has_target, scale))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Launchers (plain functions on 2-D logits and 1-D labels; no autograd)
-# ----------------------------------------------------------------------------------------------------
-def _check_inputs(logits: torch.Tensor, labels: torch.Tensor) -> None:
+# ====================================================================================================
+# Internal API shared by the fused and vocab-parallel losses
+#
+# Plain functions on 2-D logits [rows, cols] and 1-D labels [rows], no autograd. These are the only
+# names of this module that megacpm.kernels.fused_linear_cross_entropy and
+# megacpm.kernels.vocab_parallel_cross_entropy import (no module imports another's underscore names):
+#
+#   check_inputs(logits, labels)                   shapes, dtypes, devices (asserts)
+#   check_labels(labels, n_cols, ignore_index)     out-of-range labels raise IndexError (CPU only)
+#   ce_forward(logits, labels, ...)                Triton: per-row (loss, lse); optionally writes the
+#                                                  logits' gradient (in place by default)
+#   ce_backward(logits, labels, lse, grad_rows,..) Triton: the logits' gradient from the saved lse, with
+#                                                  a column offset for a vocabulary shard
+#   row_stats(logits, labels, ..., col_offset)     Triton: per-row (max, sum exp(x - max), target x) of
+#                                                  a vocabulary shard
+#   torch_cross_entropy_rows(...)                  PyTorch: per-row losses, differentiable by autograd
+#   torch_ce_forward_and_grad_(...)                PyTorch twin of ce_forward with grad_rows
+#   torch_row_stats(...) / torch_row_stats_(...)   PyTorch twin of row_stats (the second consumes the
+#                                                  logits and also returns exp(x - max) in their place)
+#   torch_shard_grad_(e, labels, m_local, lse,...) PyTorch: a shard's logits' gradient in place of that
+#                                                  exp(x - max), given the global lse
+#   reduce_rows(loss, labels, ignore_index, reduction)   mean over non-ignored rows (0 if none) / sum / none
+#
+# x = logits * scale throughout; every result is fp32.
+# ====================================================================================================
+def check_inputs(logits: torch.Tensor, labels: torch.Tensor) -> None:
     assert logits.ndim == 2, f"logits must be [rows, vocab], got {tuple(logits.shape)}"
     assert labels.ndim == 1 and labels.shape[0] == logits.shape[0], \
         f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)}"
@@ -167,7 +191,7 @@ def _check_inputs(logits: torch.Tensor, labels: torch.Tensor) -> None:
     assert labels.device == logits.device
 
 
-def _check_labels(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
+def check_labels(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
     """Out-of-range labels would read out of bounds; checked where it costs no device sync."""
     if labels.is_cuda or labels.numel() == 0:
         return
@@ -176,20 +200,20 @@ def _check_labels(labels: torch.Tensor, n_cols: int, ignore_index: int) -> None:
         raise IndexError(f"label {int(labels[bad][0])} out of range for vocabulary {n_cols}")
 
 
-def _ce_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int, z_loss: float,
-                grad_rows: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
-                block_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def ce_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int, z_loss: float,
+               grad_rows: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
+               block_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per-row fp32 loss, per-row fp32 lse). With ``grad_rows`` (fp32, 0-d or [rows]: the factor
     d total / d loss_row), also writes d total / d logits into ``grad_out`` (default: the logits
     themselves, in place)."""
-    _check_inputs(logits, labels)
+    check_inputs(logits, labels)
     rows, n_cols = logits.shape
-    _check_labels(labels, n_cols, ignore_index)
+    check_labels(labels, n_cols, ignore_index)
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return loss, lse
-    block = block_size or default_block_size(n_cols)
+    block, num_warps = _launch(n_cols, block_size)
     write_grad = grad_rows is not None
     if write_grad:
         grad_out = logits if grad_out is None else grad_out
@@ -204,16 +228,18 @@ def _ce_forward(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore
         logits, logits.stride(0), logits.stride(1), labels, labels.stride(0), loss, lse,
         grad_out, grad_out.stride(0) if write_grad else 0, grad_out.stride(1) if write_grad else 0,
         grad_rows, gs_stride, n_cols, float(scale), int(ignore_index), float(z_loss),
-        BLOCK=block, HAS_Z=z_loss != 0.0, WRITE_GRAD=write_grad, BF16_RNE=_bf16_rne(grad_out),
-        num_warps=_num_warps(block))
+        BLOCK=block, HAS_Z=z_loss != 0.0, WRITE_GRAD=write_grad, ROUND_BF16=round_bf16(),
+        num_warps=num_warps)
     return loss, lse
 
 
-def _ce_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
-                 scale: float, ignore_index: int, z_loss: float = 0.0, col_offset: int = 0,
-                 grad_out: Optional[torch.Tensor] = None, block_size: Optional[int] = None) -> torch.Tensor:
-    """d total / d logits = (softmax(x) (1 + 2 z lse) - onehot(label - col_offset)) * scale * grad_rows."""
-    _check_inputs(logits, labels)
+def ce_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_rows: torch.Tensor,
+                scale: float, ignore_index: int, z_loss: float = 0.0, col_offset: int = 0,
+                grad_out: Optional[torch.Tensor] = None, block_size: Optional[int] = None) -> torch.Tensor:
+    """d total / d logits = (softmax(x) (1 + 2 z lse) - onehot(label - col_offset)) * scale * grad_rows.
+
+    ``grad_out`` may be ``logits`` itself (each block is read before it is overwritten)."""
+    check_inputs(logits, labels)
     rows, n_cols = logits.shape
     if grad_out is None:
         grad_out = torch.empty_like(logits)
@@ -226,33 +252,30 @@ def _ce_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, 
     go_stride = 0 if grad_rows.ndim == 0 or grad_rows.shape[0] == 1 else grad_rows.stride(0)
     if go_stride:
         assert grad_rows.shape[0] == rows
-    block = block_size or default_block_size(n_cols)
+    block, num_warps = _launch(n_cols, block_size)
     _ce_bwd_kernel[(rows,)](
         logits, logits.stride(0), logits.stride(1), labels, labels.stride(0), lse, lse.stride(0),
         grad_rows, go_stride, grad_out, grad_out.stride(0), grad_out.stride(1),
         n_cols, int(col_offset), float(scale), int(ignore_index), float(z_loss),
-        BLOCK=block, HAS_Z=z_loss != 0.0, BF16_RNE=_bf16_rne(grad_out), num_warps=_num_warps(block))
+        BLOCK=block, HAS_Z=z_loss != 0.0, ROUND_BF16=round_bf16(), num_warps=num_warps)
     return grad_out
 
 
-def _row_stats(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int, col_offset: int,
-               block_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(max, sum exp(x - max), target x or 0) per row of a vocabulary shard, fp32."""
-    _check_inputs(logits, labels)
+def row_stats(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int, col_offset: int,
+              block_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(max, sum exp(x - max), target x or 0) per row of a vocabulary shard, fp32 (Triton)."""
+    check_inputs(logits, labels)
     rows, n_cols = logits.shape
     m, d, t = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3))
     if rows == 0:
         return m, d, t
-    block = block_size or default_block_size(n_cols)
+    block, num_warps = _launch(n_cols, block_size)
     _row_stats_kernel[(rows,)](
         logits, logits.stride(0), logits.stride(1), labels, labels.stride(0), m, d, t,
-        n_cols, int(col_offset), float(scale), int(ignore_index), BLOCK=block, num_warps=_num_warps(block))
+        n_cols, int(col_offset), float(scale), int(ignore_index), BLOCK=block, num_warps=num_warps)
     return m, d, t
 
 
-# ----------------------------------------------------------------------------------------------------
-# PyTorch implementation (same semantics, fp32)
-# ----------------------------------------------------------------------------------------------------
 def torch_cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
                              z_loss: float = 0.0) -> torch.Tensor:
     """Per-row fp32 losses (0 where ignored), differentiable by autograd."""
@@ -269,8 +292,9 @@ def torch_cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: 
 
 def torch_ce_forward_and_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
                                z_loss: float, grad_rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The torch twin of ``_ce_forward(..., grad_rows)``: (per-row fp32 loss, the logits' gradient in an
-    fp32 buffer that reuses ``logits`` when it is fp32). One [rows, vocab] fp32 buffer at a time."""
+    """The torch twin of ``ce_forward(..., grad_rows)``: (per-row fp32 loss, the logits' gradient in an
+    fp32 buffer that reuses ``logits`` when it is fp32). One [rows, vocab] fp32 buffer at a time, plus
+    logsumexp's transient [rows, vocab] fp32 temporary."""
     labels = labels.long()
     x = logits.float() if logits.dtype != torch.float32 else logits
     x.mul_(scale)  # in place when the logits are fp32: the caller's buffer becomes the gradient
@@ -289,26 +313,44 @@ def torch_ce_forward_and_grad_(logits: torch.Tensor, labels: torch.Tensor, scale
     return loss, grad
 
 
-# ----------------------------------------------------------------------------------------------------
-# Autograd and the functional API
-# ----------------------------------------------------------------------------------------------------
-class CrossEntropyFunction(torch.autograd.Function):
-    """Per-row fp32 losses of 2-D logits by the Triton kernels; the reduction is done outside."""
+def torch_row_stats_(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
+                     col_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch twin of ``row_stats`` that consumes ``logits``: (max m, sum exp(x - m), target x or 0,
+    e = exp(x - m) [rows, cols] fp32). e reuses the logits' buffer when they are fp32 (else one fp32
+    copy): no other [rows, cols] buffer is made."""
+    labels = labels.long()
+    x = logits.float() if logits.dtype != torch.float32 else logits
+    x.mul_(scale)
+    m = x.amax(dim=-1)
+    target = labels - col_offset
+    has = (labels != ignore_index) & (target >= 0) & (target < x.shape[-1])
+    t = x.gather(-1, torch.where(has, target, 0).unsqueeze(-1)).squeeze(-1)
+    t = torch.where(has, t, torch.zeros_like(t))
+    e = x.sub_(m.unsqueeze(-1)).exp_()
+    return m, e.sum(dim=-1), t, e
 
-    @staticmethod
-    def forward(ctx, logits, labels, scale, ignore_index, z_loss, block_size):
-        loss, lse = _ce_forward(logits, labels, scale, ignore_index, z_loss, block_size=block_size)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.args = (scale, ignore_index, z_loss, block_size)
-        ctx.mark_non_differentiable(lse)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, labels, lse = ctx.saved_tensors
-        scale, ignore_index, z_loss, block_size = ctx.args
-        grad = _ce_backward(logits, labels, lse, grad_loss, scale, ignore_index, z_loss, block_size=block_size)
-        return grad, None, None, None, None, None
+def torch_row_stats(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
+                    col_offset: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch twin of ``row_stats``: (max, sum exp(x - max), target x or 0); ``logits`` is kept."""
+    m, d, t, _ = torch_row_stats_(logits.to(torch.float32, copy=True), labels, scale, ignore_index, col_offset)
+    return m, d, t
+
+
+def torch_shard_grad_(e: torch.Tensor, labels: torch.Tensor, m_local: torch.Tensor, lse: torch.Tensor,
+                      grad_rows: torch.Tensor, scale: float, ignore_index: int, col_offset: int) -> torch.Tensor:
+    """The logits' gradient of a vocabulary shard from ``torch_row_stats_``'s e = exp(x - m_local), in place
+    of e: (exp(x - lse) - onehot(label - col_offset)) * scale * grad_rows, with the global lse, as
+    exp(x - m_local) * exp(m_local - lse). Returns e."""
+    labels = labels.long()
+    valid = labels != ignore_index
+    factor = torch.where(valid, grad_rows.float().expand(labels.shape[0]) * scale, torch.zeros_like(lse))
+    e.mul_((torch.exp(m_local - lse) * factor).unsqueeze(-1))
+    target = labels - col_offset
+    has = valid & (target >= 0) & (target < e.shape[-1])
+    e.scatter_add_(-1, torch.where(has, target, 0).unsqueeze(-1),
+                   torch.where(has, -factor, torch.zeros_like(factor)).unsqueeze(-1))
+    return e
 
 
 def reduce_rows(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
@@ -320,6 +362,28 @@ def reduce_rows(loss: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
         return total
     count = (labels != ignore_index).sum().clamp(min=1)
     return total / count.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd and the functional API
+# ----------------------------------------------------------------------------------------------------
+class CrossEntropyFunction(torch.autograd.Function):
+    """Per-row fp32 losses of 2-D logits by the Triton kernels; the reduction is done outside."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, scale, ignore_index, z_loss, block_size):
+        loss, lse = ce_forward(logits, labels, scale, ignore_index, z_loss, block_size=block_size)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.args = (scale, ignore_index, z_loss, block_size)
+        ctx.mark_non_differentiable(lse)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, labels, lse = ctx.saved_tensors
+        scale, ignore_index, z_loss, block_size = ctx.args
+        grad = ce_backward(logits, labels, lse, grad_loss, scale, ignore_index, z_loss, block_size=block_size)
+        return grad, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, logit_scale: float = 1.0, ignore_index: int = -100,

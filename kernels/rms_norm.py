@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import TRITON_DTYPES, interpreter_enabled, tl, triton, use_triton
+from .dispatch import TRITON_DTYPES, tl, triton, use_triton
+from .launch import launch_settings, round_bf16
 
 
 
@@ -30,7 +31,7 @@ if triton is not None:
         X, W, Y, RSTD,
         stride_x_row, stride_x_col, stride_y_row, stride_y_col, stride_w,
         n_cols, eps,
-        BLOCK_SIZE: tl.constexpr, EXACT_BF16: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, ROUND_BF16: tl.constexpr,
     ):
         """One row per program: y = w * (x * rstd).to(x.dtype), rstd = 1/sqrt(mean(x^2) + eps)."""
         row = tl.program_id(0).to(tl.int64)
@@ -42,9 +43,9 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(mean_sq + eps)
         tl.store(RSTD + row, rstd)
         # The normalised value is rounded to x's dtype before the gain, as the torch code does.
-        normed = _cast(x * rstd, X.dtype.element_ty, EXACT_BF16).to(tl.float32)
+        normed = _cast(x * rstd, X.dtype.element_ty, ROUND_BF16).to(tl.float32)
         y = w * normed
-        tl.store(Y + row * stride_y_row + cols * stride_y_col, _cast(y, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+        tl.store(Y + row * stride_y_row + cols * stride_y_col, _cast(y, Y.dtype.element_ty, ROUND_BF16), mask=mask)
 
     @triton.jit
     def _rms_norm_backward_kernel(
@@ -52,7 +53,7 @@ if triton is not None:
         stride_dy_row, stride_dy_col, stride_x_row, stride_x_col, stride_dx_row, stride_dx_col,
         stride_w, stride_dwp_row,
         n_rows, n_cols, rows_per_program,
-        BLOCK_SIZE: tl.constexpr, EXACT_BF16: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, ROUND_BF16: tl.constexpr,
     ):
         """Rows [pid * rows_per_program, ...) of dx, and one fp32 partial row of dweight.
 
@@ -73,7 +74,7 @@ if triton is not None:
             g = dy * w
             dot = tl.sum(g * normed, axis=0) / n_cols
             dx = rstd * (g - normed * dot)
-            tl.store(DX + row * stride_dx_row + cols * stride_dx_col, _cast(dx, DX.dtype.element_ty, EXACT_BF16),
+            tl.store(DX + row * stride_dx_row + cols * stride_dx_col, _cast(dx, DX.dtype.element_ty, ROUND_BF16),
                      mask=mask)
             dw_acc += dy * normed
         tl.store(DW_PARTIAL + pid * stride_dwp_row + cols, dw_acc, mask=mask)
@@ -82,21 +83,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def _settings(n_cols: int):
-    """(BLOCK_SIZE, num_warps) for a row of n_cols elements (one config, as the interpreter needs)."""
-    block = triton.next_power_of_2(max(int(n_cols), 1))
-    if block > 65536:
-        raise ValueError(f"rms_norm: hidden size {n_cols} is larger than the largest supported block (65536)")
-    num_warps = 4
-    if block >= 32768:
-        num_warps = 32
-    elif block >= 8192:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    return block, num_warps
-
-
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dtype not in TRITON_DTYPES or weight.dtype not in TRITON_DTYPES:
         raise TypeError(f"rms_norm (triton): x and weight must be fp32, fp16 or bf16, got {x.dtype} and {weight.dtype}")
@@ -121,14 +107,14 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
     rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     if n_rows > 0 and n_cols > 0:
-        block, num_warps = _settings(n_cols)
+        block, num_warps = launch_settings(n_cols, what="rms_norm (hidden size)")
         assert block >= n_cols
         _assert_column_offsets_fit(x2d)
         _rms_norm_forward_kernel[(n_rows,)](
             x2d, weight, y, rstd,
             x2d.stride(0), x2d.stride(1), y.stride(0), y.stride(1), weight.stride(0),
             n_cols, float(eps),
-            BLOCK_SIZE=block, EXACT_BF16=interpreter_enabled(), num_warps=num_warps,
+            BLOCK_SIZE=block, ROUND_BF16=round_bf16(), num_warps=num_warps,
         )
     return y.view(x.shape), rstd
 
@@ -154,7 +140,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     if n_rows == 0 or n_cols == 0:
         dweight = torch.zeros_like(weight) if need_dweight else None
         return dx.view(x.shape), dweight
-    block, num_warps = _settings(n_cols)
+    block, num_warps = launch_settings(n_cols, what="rms_norm (hidden size)")
     _assert_column_offsets_fit(x2d)
     _assert_column_offsets_fit(dy2d)
     n_programs = _num_backward_programs(n_rows, x.device)
@@ -167,7 +153,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
         dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), dx.stride(0), dx.stride(1),
         weight.stride(0), partial.stride(0),
         n_rows, n_cols, rows_per_program,
-        BLOCK_SIZE=block, EXACT_BF16=interpreter_enabled(), num_warps=num_warps,
+        BLOCK_SIZE=block, ROUND_BF16=round_bf16(), num_warps=num_warps,
     )
     dweight = partial.sum(dim=0).to(weight.dtype) if need_dweight else None
     return dx.view(x.shape), dweight

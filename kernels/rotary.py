@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import TRITON_DTYPES, interpreter_enabled, tl, triton, use_triton
+from .dispatch import TRITON_DTYPES, tl, triton, use_triton
+from .launch import launch_settings, next_power_of_2, round_bf16
 
 
 
@@ -29,7 +30,7 @@ if triton is not None:
         stride_yb, stride_ys, stride_yh, stride_yd,
         stride_cs, stride_cd, stride_ss, stride_sd,
         seq_len, n_heads, half_dim, position_offset,
-        BACKWARD: tl.constexpr, EXACT_BF16: tl.constexpr,
+        BACKWARD: tl.constexpr, ROUND_BF16: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (batch, position) per program, all heads as a [BLOCK_H, BLOCK_D] tile of half-rows.
@@ -58,8 +59,8 @@ if triton is not None:
         y1 = x1 * c - x2 * sn
         y2 = x2 * c + x1 * sn
         y_row = Y + b * stride_yb + s * stride_ys + heads * stride_yh
-        tl.store(y_row + dims * stride_yd, _cast(y1, Y.dtype.element_ty, EXACT_BF16), mask=mask)
-        tl.store(y_row + (dims + half_dim) * stride_yd, _cast(y2, Y.dtype.element_ty, EXACT_BF16), mask=mask)
+        tl.store(y_row + dims * stride_yd, _cast(y1, Y.dtype.element_ty, ROUND_BF16), mask=mask)
+        tl.store(y_row + (dims + half_dim) * stride_yd, _cast(y2, Y.dtype.element_ty, ROUND_BF16), mask=mask)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int) -> None:
@@ -93,20 +94,18 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
     if y.numel() == 0:
         return y
     half = head_dim // 2
-    block_h = triton.next_power_of_2(heads)
-    block_d = triton.next_power_of_2(half)
+    block_h = next_power_of_2(heads)
+    block_d, num_warps = launch_settings(half, min_block=1, rows=block_h)  # warps follow the whole tile
     assert block_h >= heads and block_d >= half
     # (batch, position) offsets are int64 in the kernel; offsets within one position stay int32.
     for t in (x, y):
         assert (heads - 1) * abs(t.stride(2)) + (head_dim - 1) * abs(t.stride(3)) < 2 ** 31, t.stride()
-    tile = block_h * block_d
-    num_warps = 8 if tile >= 4096 else 4
     _rotary_kernel[(batch * seq,)](
         x, cos, sin, y,
         *x.stride(), *y.stride(),
         cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
         seq, heads, half, int(position_offset),
-        BACKWARD=bool(backward), EXACT_BF16=interpreter_enabled(),
+        BACKWARD=bool(backward), ROUND_BF16=round_bf16(),
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=num_warps,
     )
     return y

@@ -24,19 +24,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megacpm.kernels.cross_entropy import (REDUCTIONS, _ce_backward, _check_inputs, _row_stats, reduce_rows)
+from megacpm.kernels.cross_entropy import (REDUCTIONS, ce_backward, check_inputs, reduce_rows, row_stats,
+                                          torch_row_stats)
 from megacpm.kernels.dispatch import use_triton
-
-
-def _torch_row_stats(logits, labels, scale, ignore_index, col_offset):
-    labels = labels.long()
-    x = logits.float() * scale
-    m = x.max(dim=-1).values
-    d = torch.exp(x - m.unsqueeze(-1)).sum(dim=-1)
-    target = labels - col_offset
-    has = (labels != ignore_index) & (target >= 0) & (target < x.shape[-1])
-    t = x.gather(-1, torch.where(has, target, 0).unsqueeze(-1)).squeeze(-1)
-    return m, d, torch.where(has, t, torch.zeros_like(t))
 
 
 def _torch_backward(logits, labels, lse, grad_rows, scale, ignore_index, col_offset):
@@ -62,9 +52,9 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         rows, local_vocab = logits.shape
         col_offset = rank * local_vocab
         if triton_path:
-            m_local, d_local, t_local = _row_stats(logits, labels, scale, ignore_index, col_offset)
+            m_local, d_local, t_local = row_stats(logits, labels, scale, ignore_index, col_offset)
         else:
-            m_local, d_local, t_local = _torch_row_stats(logits, labels, scale, ignore_index, col_offset)
+            m_local, d_local, t_local = torch_row_stats(logits, labels, scale, ignore_index, col_offset)
         # Collective 1: global max per row, and the slice sizes' max and min.
         maxes = torch.cat([m_local, m_local.new_tensor([float(local_vocab), -float(local_vocab)])])
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
@@ -92,7 +82,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         scale, ignore_index, col_offset, triton_path = ctx.args
         if triton_path:
-            grad = _ce_backward(logits, labels, lse, grad_loss, scale, ignore_index, 0.0, col_offset)
+            grad = ce_backward(logits, labels, lse, grad_loss, scale, ignore_index, 0.0, col_offset)
         else:
             grad = _torch_backward(logits, labels, lse, grad_loss, scale, ignore_index, col_offset)
         return grad, None, None, None, None, None
@@ -114,7 +104,7 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
     lead = labels.shape
     logits2d = logits_shard.reshape(-1, logits_shard.shape[-1])
     labels1d = labels.reshape(-1)
-    _check_inputs(logits2d, labels1d)
+    check_inputs(logits2d, labels1d)
     triton_path = use_triton(impl, logits_shard, labels)
     loss = VocabParallelCrossEntropyFunction.apply(logits2d, labels1d, group, float(logit_scale),
                                                    int(ignore_index), triton_path)
