@@ -12,8 +12,11 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+# Only light modules at the top (the config and pure layout arithmetic, no torch): a bad config or
+# argument fails in a fraction of a second. The verbs import torch's heavy parts locally, below.
 from megacpm.config import ConfigError, config_to_dict, dump_yaml, load_config, preset_names, validate
-from megacpm.config.validate import data_parallel_size
+from megacpm.io.run_dir import CONFIG_FILE
+from megacpm.parallel.layout import ParallelLayout
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -31,12 +34,12 @@ def _world_size() -> int:
 def cmd_train(config: str, overrides: List[str]) -> int:
     cfg = load_config(config, overrides)
     validate(cfg, world_size=_world_size())  # before any process group or file exists
-    # Imported after validation: a bad config must fail fast, without loading torch's heavy parts.
+    # Imported after validation (start-up speed, not a cycle): a bad config must fail fast, without
+    # loading torch's heavy parts.
     from megacpm.checkpoint import CheckpointError
     from megacpm.data import DataError
-    from megacpm.train.trainer import Trainer, TrainingDiverged
-
     from megacpm.parallel.context import is_peer_failure
+    from megacpm.train.trainer import Trainer, TrainingDiverged
 
     trainer = None
     try:
@@ -67,6 +70,7 @@ def cmd_train(config: str, overrides: List[str]) -> int:
 
 def model_summary(cfg, world_size: int) -> dict:
     """Sizes, FLOPs and per-rank memory of a config, computed without allocating the model."""
+    # Local for start-up speed (these load torch), not for a cycle.
     from megacpm.model import count_parameters
     from megacpm.train.flops import flops_per_token
     from megacpm.train.memory import estimate_training_memory
@@ -86,7 +90,7 @@ def model_summary(cfg, world_size: int) -> dict:
         "tokens_per_step": tokens_per_step,
         "flops_per_step": flops["training"] * tokens_per_step,
         "layout": {"world_size": world_size, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                   "vpp": cfg.parallel.vpp, "dp": data_parallel_size(cfg, world_size)},
+                   "vpp": cfg.parallel.vpp, "dp": ParallelLayout.from_config(cfg.parallel, world_size).dp},
         "memory_per_rank_bytes": memory,
         "resolved_config": config_to_dict(cfg),
     }
@@ -128,6 +132,7 @@ def cmd_info(config: str, overrides: List[str], as_json: bool, world_size: int) 
 
 def cmd_branch(source: str, new_run: str, overrides: List[str]) -> int:
     """A new run from a checkpoint of another run, with overrides; the parent is only read."""
+    # Local for start-up speed (the checkpoint manager loads torch.distributed), not for a cycle.
     from megacpm.checkpoint import CheckpointError
     from megacpm.checkpoint.branch import create_branch, resolve_checkpoint
 
@@ -136,7 +141,7 @@ def cmd_branch(source: str, new_run: str, overrides: List[str]) -> int:
     except CheckpointError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     # The branch's config: the checkpoint's own, the overrides on top, the new directory as run.dir.
-    cfg = load_config(str(checkpoint / "config.yaml"), [*overrides, f"--run.dir={new_run}"])
+    cfg = load_config(str(checkpoint / CONFIG_FILE), [*overrides, f"--run.dir={new_run}"])
     validate(cfg, world_size=1, check_data=True)
     try:
         path = create_branch(checkpoint, Path(new_run), dump_yaml(cfg), overrides)
@@ -148,7 +153,7 @@ def cmd_branch(source: str, new_run: str, overrides: List[str]) -> int:
 
 
 def cmd_runs(root: str) -> int:
-    from megacpm.checkpoint.branch import find_runs, format_tree
+    from megacpm.checkpoint.branch import find_runs, format_tree  # local: start-up speed, as above
 
     if not Path(root).is_dir():
         return _fail(f"{root}: not a directory", EXIT_USAGE)
@@ -198,6 +203,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except BrokenPipeError:
+        # stdout's reader went away (`megacpm info CONFIG --json | head`): not a failure of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     parser.error(f"unknown verb {args.verb}")
     return EXIT_USAGE
 

@@ -19,10 +19,12 @@ from typing import Dict, Iterable, Optional
 
 import torch
 
-from megacpm.io.atomic import atomic_directory
-from megacpm.checkpoint.manager import CheckpointError
+from megacpm.checkpoint.branch import resolve_checkpoint
+from megacpm.checkpoint.manager import CheckpointError, read_weights
 from megacpm.config import Config, ModelConfig, load_config
 from megacpm.config.loader import config_from_dict
+from megacpm.io.atomic import atomic_directory
+from megacpm.io.run_dir import CONFIG_FILE
 from megacpm.model import MiniCPM
 
 HF_PREFIX = "model."
@@ -99,7 +101,7 @@ def _read_file(path: Path) -> Dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: missing (named by the index)")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # local: safetensors is optional for .bin directories
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -150,7 +152,7 @@ def llama_weights(cfg: ModelConfig, weights: Dict[str, torch.Tensor]) -> Dict[st
 def write_hf_directory(directory: Path, cfg: ModelConfig, weights: Dict[str, torch.Tensor], dtype: torch.dtype,
                        llama: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """config.json + safetensors (sharded with an index past ``max_shard_bytes``), written atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # local: an optional package, needed only to write
 
     directory = Path(directory)
     if directory.exists():
@@ -187,11 +189,8 @@ def write_hf_directory(directory: Path, cfg: ModelConfig, weights: Dict[str, tor
 def read_megacpm(path: Path) -> tuple[Config, Dict[str, torch.Tensor]]:
     """(config, fp32 model-space weights) of a megacpm run directory (its latest checkpoint) or
     checkpoint directory, read in one process whatever layout wrote it."""
-    from megacpm.checkpoint.branch import resolve_checkpoint
-    from megacpm.checkpoint.manager import read_weights
-
     checkpoint = resolve_checkpoint(path)
-    cfg = load_config(str(checkpoint / "config.yaml"))
+    cfg = load_config(str(checkpoint / CONFIG_FILE))
     return cfg, read_weights(checkpoint, cfg.model, expected_shapes(cfg.model))
 
 

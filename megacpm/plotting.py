@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from megacpm.io.atomic import write_bytes_atomic
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only: no display needed)."""
-    import matplotlib
+    import matplotlib  # local: an optional package, and slow to import (see the module docstring)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -21,8 +23,6 @@ def pyplot():
 def save_png(fig, path: Path, dpi: int = 110) -> Path:
     """Write ``fig`` to ``path`` under a temporary name, then rename (a reader never sees half a PNG),
     and close it."""
-    from megacpm.io.atomic import write_bytes_atomic
-
     buffer = io.BytesIO()
     try:
         fig.savefig(buffer, format="png", dpi=dpi)

@@ -206,7 +206,7 @@ def make_step(fn, case: Case, backward: bool):
 
 
 def time_ms(step, grads) -> float:
-    import triton.testing
+    import triton.testing  # local: triton exists only on GPU machines
     return triton.testing.do_bench(step, grad_to_none=grads, return_mode="median")
 
 

@@ -25,9 +25,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megacpm.checkpoint import CheckpointError  # noqa: E402
+from megacpm.checkpoint import CheckpointError, save_weights  # noqa: E402
 from megacpm.config import Config, ConfigError, dump_yaml, load_config  # noqa: E402
 from megacpm.config.validate import validate_model, validate_parallel  # noqa: E402
+from megacpm.huggingface import DTYPES, model_config_from_hf, read_hf_weights, read_megacpm, write_hf_directory  # noqa: E402
+from megacpm.io.atomic import atomic_directory  # noqa: E402
+from megacpm.io.run_dir import CONFIG_FILE  # noqa: E402
 
 
 def _parse_size(text: str) -> int:
@@ -39,10 +42,6 @@ def _parse_size(text: str) -> int:
 
 
 def hf_to_megacpm(args) -> str:
-    from megacpm.checkpoint import save_weights
-    from megacpm.io.atomic import atomic_directory
-    from megacpm.huggingface import model_config_from_hf, read_hf_weights
-
     model_cfg = model_config_from_hf(Path(args.input))
     cfg = load_config(args.config) if args.config else Config()
     cfg.model = model_cfg
@@ -56,15 +55,13 @@ def hf_to_megacpm(args) -> str:
     cfg.run.dir, cfg.run.name = str(output), output.name
     with atomic_directory(output) as tmp:
         save_weights(tmp, cfg, weights)
-        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+        (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
     params = sum(t.numel() for t in weights.values())
     return (f"wrote {output} ({params:,} parameters, step 0, weights only: training resumes with a fresh "
             f"optimizer); loads under any layout, e.g. tp {args.tp} x pp {args.pp}")
 
 
 def megacpm_to_hf(args) -> str:
-    from megacpm.huggingface import DTYPES, read_megacpm, write_hf_directory
-
     cfg, weights = read_megacpm(Path(args.input))
     directory = write_hf_directory(Path(args.output), cfg.model, weights, DTYPES[args.dtype], llama=args.llama_format,
                                    max_shard_bytes=_parse_size(args.max_shard_size))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from megacpm.io.run_dir import METRICS_FILE
 from megacpm.plotting import pyplot, save_png
 
 Series = Tuple[List[int], List[float]]
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     output = args.output or args.run_dir / "curves.png"
     try:
-        series = read_series(args.run_dir / "metrics.jsonl")
+        series = read_series(args.run_dir / METRICS_FILE)
     except PlotError as exc:
         print(f"plot_run: error: {exc}", file=sys.stderr)
         return 2

@@ -241,7 +241,7 @@ def encoded_documents(documents: Iterable[str], workers: int, worker_args: tuple
 def progress(items: Iterable, enabled: bool) -> Iterable:
     if not enabled:
         return items
-    from tqdm import tqdm
+    from tqdm import tqdm  # local: only with a progress bar
 
     return tqdm(items, unit=" docs", dynamic_ncols=True)
 

@@ -67,7 +67,7 @@ def describe_optimum(law: DataModelLaw, budgets: Sequence[float]) -> List[str]:
 
 
 def plot_fit(path: Path, law: DataModelLaw, N, D, loss) -> None:
-    import numpy as np
+    import numpy as np  # local: only the plot needs it
 
     plt = pyplot()
     N, D, loss = (np.asarray(v, dtype=float) for v in (N, D, loss))

@@ -34,13 +34,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from megacpm.config import ConfigError, load_config, validate
 from megacpm.io.atomic import write_text_atomic
+from megacpm.io.run_dir import read_metrics
 from megacpm.plotting import pyplot, save_png
 from megacpm.scaling.batch_size import optimal_batch_sizes, smooth
 from megacpm.scaling.laws import PAPER_BATCH_SIZE_LAW, FitError, fit_batch_size_law
 from megacpm.scaling.sweep import (RESULT_COLUMNS, PointResult, SweepError, SweepSpec, best_learning_rates,
                                    load_results, optimum_spread, run_sweep, train_overrides)
-from megacpm.io.run_dir import read_metrics
 
 # The paper's wind-tunnel proxies (head_dim 64, d_ff = 2.5 d_m): name -> (d_m, layers).
 PAPER_PROXIES = {"9m": (320, 8), "36m": (512, 12), "66m": (640, 14), "0.1b": (768, 16), "0.17b": (896, 18),
@@ -95,8 +96,6 @@ def spec_from_args(args) -> SweepSpec:
 
 
 def cmd_sweep(args) -> int:
-    from megacpm.config import ConfigError, load_config, validate
-
     spec = spec_from_args(args)
     points = spec.points()
     out = Path(args.out)
@@ -234,7 +233,7 @@ def auto_levels(curves: Dict[int, tuple], count: int, window: float) -> List[flo
 
 
 def plot_batch_law(out: Path, optima, law, paper) -> Path:
-    import numpy as np
+    import numpy as np  # local: only the plot needs it
 
     fig, ax = pyplot().subplots(figsize=(6, 4.5))
     losses = np.array([o.loss for o in optima])
@@ -245,7 +244,7 @@ def plot_batch_law(out: Path, optima, law, paper) -> Path:
     ax.plot(grid, paper.batch_size(grid), "--", label=f"paper {paper.a:.3g} / L^{paper.b:.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter  # local: matplotlib loads with the first figure
 
     for axis in (ax.xaxis,):  # plain numbers: a loss axis spans less than a decade
         axis.set_major_formatter(FormatStrFormatter("%.2g"))

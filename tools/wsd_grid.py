@@ -44,11 +44,14 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megacpm.checkpoint import CheckpointError  # noqa: E402
-from megacpm.io.atomic import write_text_atomic  # noqa: E402
-from megacpm.checkpoint.branch import LINEAGE, create_branch, resolve_checkpoint  # noqa: E402
+from megacpm.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
+from megacpm.checkpoint.branch import create_branch, resolve_checkpoint  # noqa: E402
 from megacpm.config import Config, ConfigError, dump_yaml, load_config, validate  # noqa: E402
-from megacpm.optim.schedule import DECAYS, LRSchedule  # noqa: E402
+from megacpm.config.schema import DECAY_SHAPES  # noqa: E402
+from megacpm.io.atomic import write_text_atomic  # noqa: E402
+from megacpm.io.run_dir import CONFIG_FILE, LINEAGE_FILE, checkpoints_dir, read_metrics, step_dir_name  # noqa: E402
+from megacpm.model import count_parameters  # noqa: E402
+from megacpm.optim.schedule import LRSchedule  # noqa: E402
 
 COLUMNS = ("N", "D", "loss", "run", "branch_step", "decay_steps")
 # The keys this tool derives from --at, --decay-frac and --decay (and the branch directory): a user
@@ -118,16 +121,14 @@ def branch_overrides(step: int, decay_steps: int, decay: str, user: Sequence[str
 
 
 def check_run_dir(run: Path) -> None:
-    if not (run / "config.yaml").is_file():
-        raise ToolError(f"{run}: not a megacpm run directory (no config.yaml)")
+    if not (run / CONFIG_FILE).is_file():
+        raise ToolError(f"{run}: not a megacpm run directory (no {CONFIG_FILE})")
 
 
 def find_checkpoint(run: Path, step: int) -> Path:
-    from megacpm.checkpoint import list_checkpoints
-
-    path = run / "checkpoints" / f"step_{step}"
+    path = checkpoints_dir(run) / step_dir_name(step)
     if not path.is_dir():
-        have = ", ".join(f"step_{s}" for s in list_checkpoints(run)) or "none"
+        have = ", ".join(step_dir_name(s) for s in list_checkpoints(run)) or "none"
         raise ToolError(f"{path}: no such checkpoint (checkpoints of {run}: {have})")
     return resolve_checkpoint(path)  # CheckpointError for a directory without trainer_state.json
 
@@ -148,9 +149,9 @@ def warn_if_not_stable(checkpoint_cfg: Config, step: int, checkpoint: Path) -> N
 
 def existing_branch(directory: Path, step: int, overrides: List[str]) -> Config:
     """The config of a branch made by an earlier invocation, if it is the same branch."""
-    lineage_path = directory / LINEAGE
+    lineage_path = directory / LINEAGE_FILE
     if not lineage_path.is_file():
-        raise ToolError(f"{directory}: exists and is not a branch (no {LINEAGE}); use another --out")
+        raise ToolError(f"{directory}: exists and is not a branch (no {LINEAGE_FILE}); use another --out")
     lineage = json.loads(lineage_path.read_text())
     if lineage.get("step") != step or lineage.get("overrides") != overrides:
         # Reusing it would put a point with another decay (or parent step) under this one's name.
@@ -180,9 +181,9 @@ def plan_branches(run: Path, steps: Sequence[int], frac: float, decay: str, out:
             cfg = existing_branch(directory, step, overrides)
         else:
             # As `megacpm branch` builds it: the checkpoint's config, the overrides, the new run.dir.
-            parent_cfg = load_config(str(checkpoint / "config.yaml"))
+            parent_cfg = load_config(str(checkpoint / CONFIG_FILE))
             warn_if_not_stable(parent_cfg, step, checkpoint)
-            cfg = load_config(str(checkpoint / "config.yaml"), [*overrides, f"--run.dir={directory}"])
+            cfg = load_config(str(checkpoint / CONFIG_FILE), [*overrides, f"--run.dir={directory}"])
             validate(cfg, world_size=1, check_data=True)
         branches.append(Branch(step, d, directory, overrides, cfg))
     return branches
@@ -193,7 +194,7 @@ def create_branches(run: Path, branches: Sequence[Branch]) -> None:
         if branch.directory.exists():
             print(f"reusing {branch.directory}", flush=True)
             continue
-        checkpoint = resolve_checkpoint(run / "checkpoints" / f"step_{branch.step}")
+        checkpoint = resolve_checkpoint(checkpoints_dir(run) / step_dir_name(branch.step))
         create_branch(checkpoint, branch.directory, dump_yaml(branch.cfg), branch.overrides)
         print(f"branched {branch.directory} from {checkpoint}: decay {branch.cfg.schedule.decay} over steps "
               f"{branch.step + 1}..{branch.step + branch.decay_steps}", flush=True)
@@ -201,8 +202,6 @@ def create_branches(run: Path, branches: Sequence[Branch]) -> None:
 
 # -- training ----------------------------------------------------------------------------------------
 def read_records(directory: Path) -> List[dict]:
-    from megacpm.io.run_dir import read_metrics
-
     return [r for r in read_metrics(directory) if isinstance(r, dict)]
 
 
@@ -243,8 +242,6 @@ def train_branches(branches: Sequence[Branch], threads: Optional[int]) -> List[B
 # -- points ----------------------------------------------------------------------------------------
 def final_point(branch: Branch) -> Optional[Point]:
     """The branch's point, or None while its final evaluation is missing."""
-    from megacpm.model import count_parameters
-
     t = branch.cfg.train
     records = read_records(branch.directory)
     finals = [r["eval_loss"] for r in records if "eval_loss" in r and r.get("step") == t.steps]
@@ -304,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decay-frac", type=float, required=True, metavar="F",
                         help="the decay's share of each branch's steps, in (0, 1); MiniCPM: about 0.1 "
                              "(10%% of the tokens)")
-    parser.add_argument("--decay", choices=DECAYS, default="exp", help="decay shape (default exp, MiniCPM's)")
+    parser.add_argument("--decay", choices=DECAY_SHAPES, default="exp", help="decay shape (default exp, MiniCPM's)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where the branches go (default RUN-wsd)")
     parser.add_argument("--run", dest="train", action="store_true", help="train the branches (else only create them)")

@@ -21,25 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from megacpm.checkpoint.manager import CheckpointError, latest_checkpoint, read_trainer_state
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
-from megacpm.checkpoint.manager import (LATEST, STEP_DIR, CheckpointError, checkpoints_dir, latest_checkpoint,
-                                        read_trainer_state)
-from megacpm.io.run_dir import read_metrics
-
-LINEAGE = "lineage.json"
+from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, TRAINER_STATE_FILE,
+                                checkpoint_step, checkpoints_dir, read_metrics)
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """SOURCE as a checkpoint directory: a checkpoint itself, or a run directory (its latest)."""
     path = Path(source)
-    if (path / "trainer_state.json").is_file():
+    if (path / TRAINER_STATE_FILE).is_file():
         return path
-    if (path / "config.yaml").is_file():
+    if (path / CONFIG_FILE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path}: the run has no checkpoint yet")
         return latest
-    raise CheckpointError(f"{path}: neither a run directory (config.yaml) nor a checkpoint (trainer_state.json)")
+    raise CheckpointError(f"{path}: neither a run directory ({CONFIG_FILE}) nor a checkpoint ({TRAINER_STATE_FILE})")
 
 
 def _link_or_copy_tree(source: Path, target: Path) -> None:
@@ -64,17 +62,17 @@ def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: 
     meta = read_trainer_state(checkpoint)  # refuses an incomplete or foreign checkpoint first
     if new_run.exists():
         raise CheckpointError(f"{new_run}: already exists; a branch is created in a new directory")
-    if not STEP_DIR.match(checkpoint.name):
+    if checkpoint_step(checkpoint) is None:
         raise CheckpointError(f"{checkpoint}: not a checkpoints/step_N directory")
     parent_run = checkpoint.parent.parent
     with atomic_directory(new_run) as tmp:
         _link_or_copy_tree(checkpoint, checkpoints_dir(tmp) / checkpoint.name)
-        (checkpoints_dir(tmp) / LATEST).write_text(checkpoint.name)
-        (tmp / "config.yaml").write_text(config_yaml)
+        (checkpoints_dir(tmp) / LATEST_FILE).write_text(checkpoint.name)
+        (tmp / CONFIG_FILE).write_text(config_yaml)
         lineage = {"parent_run": str(parent_run), "parent_checkpoint": str(checkpoint),
                    "step": int(meta["step"]), "tokens": int(meta["tokens"]),
                    "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
-        (tmp / LINEAGE).write_text(json.dumps(lineage, indent=1))
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
     return new_run
 
 
@@ -100,12 +98,13 @@ def _last_metrics(run: Path) -> Dict[str, float]:
 
 
 def summarize_run(run: Path) -> RunSummary:
-    lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
+    lineage_path = run / LINEAGE_FILE
+    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else {}
     try:
         latest = latest_checkpoint(run)
     except CheckpointError:
         latest = None
-    step = int(latest.name.split("_")[1]) if latest is not None else None
+    step = checkpoint_step(latest) if latest is not None else None
     metrics = _last_metrics(run)
     return RunSummary(run, Path(lineage["parent_run"]).resolve() if lineage else None, lineage.get("step"),
                       step, metrics.get("tokens"), metrics.get("loss"), metrics.get("eval_loss"))
@@ -113,8 +112,8 @@ def summarize_run(run: Path) -> RunSummary:
 
 def find_runs(root: Path) -> List[RunSummary]:
     """Every run directory (holding config.yaml) under ``root``, sorted by path."""
-    runs = sorted({p.parent.resolve() for p in Path(root).rglob("config.yaml")
-                   if not any(part.startswith(TMP_PREFIX) or part == "checkpoints" for part in p.parts)})
+    runs = sorted({p.parent.resolve() for p in Path(root).rglob(CONFIG_FILE)
+                   if not any(part.startswith(TMP_PREFIX) or part == CHECKPOINTS_DIR for part in p.parts)})
     return [summarize_run(run) for run in runs]
 
 

@@ -7,6 +7,7 @@ from megacpm.config.loader import (
     load_config,
     preset_names,
 )
+from megacpm.config.schedule import ScheduleLandmarks, resolve_schedule
 from megacpm.config.schema import (
     CheckpointConfig,
     Config,
@@ -23,6 +24,7 @@ from megacpm.config.validate import validate
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig",
-    "OptimConfig", "ParallelConfig", "RunConfig", "ScheduleConfig", "TrainConfig",
-    "config_from_dict", "config_to_dict", "dump_yaml", "load_config", "preset_names", "validate",
+    "OptimConfig", "ParallelConfig", "RunConfig", "ScheduleConfig", "ScheduleLandmarks", "TrainConfig",
+    "config_from_dict", "config_to_dict", "dump_yaml", "load_config", "preset_names", "resolve_schedule",
+    "validate",
 ]

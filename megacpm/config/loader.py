@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from megacpm.config.schema import SECTIONS, Config
+from megacpm.io.run_dir import CONFIG_FILE
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -28,6 +29,8 @@ def preset_names() -> List[str]:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(choice) for choice in typing.get_args(tp))
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(_type_name(a) for a in args) + " or null"
@@ -38,9 +41,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def check_choice(key: str, value: Any, tp: Any) -> Any:
+    """``value`` when it is one of the choices of the Literal type ``tp``, else one ConfigError."""
+    choices = typing.get_args(tp)
+    # Equality alone would let True stand for 1 (or 1.0 for 1); the type must match too.
+    if any(value == choice and type(value) is type(choice) for choice in choices):
+        return value
+    raise ConfigError(f"{key}: must be one of {', '.join(str(c) for c in choices)}, got {value!r}")
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return check_choice(key, value, tp)
     if origin is typing.Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -52,6 +66,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, arg)
             except ConfigError:
                 continue
+        literals = [a for a in args if typing.get_origin(a) is typing.Literal]
+        if len(literals) == 1 and len(args) == 2:  # Optional[Literal[...]]: the choices' own message
+            _coerce(key, value, literals[0])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, List):
         (item,) = typing.get_args(tp)
@@ -167,9 +184,9 @@ def resolve_source(source: str) -> Tuple[Path, str, bool]:
     """Map CONFIG (preset name, YAML file, or run directory) to (yaml path, name, is_run_dir)."""
     path = Path(source)
     if path.is_dir():
-        cfg_path = path / "config.yaml"
+        cfg_path = path / CONFIG_FILE
         if not cfg_path.is_file():
-            raise ConfigError(f"{source}: a directory given as CONFIG must be a run directory with config.yaml")
+            raise ConfigError(f"{source}: a directory given as CONFIG must be a run directory with {CONFIG_FILE}")
         return cfg_path, path.name, True
     if path.is_file():
         return path, path.stem, False

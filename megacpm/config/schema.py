@@ -8,7 +8,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional, get_args
+
+# The choices of every string field with a fixed set of values: the Literal types are their one
+# home (the loader checks a value against them; code that needs the list reads it from here).
+AttentionImpl = Literal["auto", "sdpa", "flash", "eager"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+ScheduleKind = Literal["wsd", "cosine", "constant"]
+DecayShape = Literal["exp", "linear", "cosine", "1-sqrt"]
+DataSource = Literal["embedded", "text", "megatron"]
+WandbMode = Literal["online", "offline"]
+
+ATTENTION_IMPLS = get_args(AttentionImpl)
+DEVICES = get_args(Device)
+PRECISIONS = get_args(Precision)
+SCHEDULE_KINDS = get_args(ScheduleKind)
+DECAY_SHAPES = get_args(DecayShape)
+DATA_SOURCES = get_args(DataSource)
+WANDB_MODES = get_args(WandbMode)
 
 
 @dataclass
@@ -39,7 +57,7 @@ class ModelConfig:
     # paper's literal wording says it does; the sources do not settle it.
     mup_embedding_as_matrix: bool = True
     # "auto": flash-attn on CUDA when installed, else torch's scaled_dot_product_attention.
-    attention_impl: str = "auto"
+    attention_impl: AttentionImpl = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -84,12 +102,17 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 50
     eval_batches: int = 8  # micro-batches of the validation split per evaluation
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: Device = "auto"
     # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" (bf16 parameters and activations, fp32
     # master weights, Adam state and gradient reductions)
-    precision: str = "auto"
+    precision: Precision = "auto"
     activation_checkpointing: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether parameters and activations are bf16 on a device of this type ("cuda", "cpu"):
+        precision "bf16", or "auto" on CUDA. The one home of that rule."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
 
 
 @dataclass
@@ -106,18 +129,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The LR as a pure function of the (1-based) step. See megacpm.optim.schedule."""
+    """The LR as a pure function of the (1-based) step. Unset fields are resolved by
+    megacpm.config.schedule.resolve_schedule; the LR itself is megacpm.optim.schedule.LRSchedule."""
 
-    kind: str = "wsd"  # "wsd" | "cosine" | "constant"
+    kind: ScheduleKind = "wsd"
     warmup_steps: int = 0
     decay_start: Optional[int] = None  # first decay step; None: train.steps - decay_steps + 1
-    decay: str = "exp"  # "exp" | "linear" | "cosine" | "1-sqrt"
+    decay: DecayShape = "exp"
     half_life: Optional[float] = None  # steps, for decay "exp"; None: decay_steps / 3.32 (lr/10 at the end)
     decay_steps: Optional[int] = None  # None: 10% of train.steps
     min_lr: Optional[float] = None  # floor; None: 0 for wsd, 0.1 * lr for cosine
-
-
-DATA_SOURCES = ("embedded", "text", "megatron")
 
 
 @dataclass
@@ -131,7 +152,7 @@ class DataConfig:
     PREFIX.idx, e.g. from tools/preprocess_data.py --append-eod), memory-mapped.
     """
 
-    source: str = "embedded"
+    source: DataSource = "embedded"
     path: Optional[str] = None
     # source megatron only: several prefixes and their weights, {prefix: weight} (instead of path);
     # sample i of the mixture comes from the dataset furthest below its share (megacpm.data.blending).
@@ -162,7 +183,7 @@ class LogConfig:
     # later `wandb sync` and needs no network.
     wandb: bool = False
     wandb_project: str = "megacpm"
-    wandb_mode: str = "online"  # "online" | "offline"
+    wandb_mode: WandbMode = "online"
     # torch.profiler traces of these steps, every rank, under RUN/profile/ (TensorBoard or Perfetto).
     profile_steps: Optional[List[int]] = None
 

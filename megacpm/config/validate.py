@@ -4,14 +4,15 @@ Runs before any process group, directory or file is created.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from typing import Optional
 
-from megacpm.config.loader import ConfigError
-from megacpm.config.schema import DATA_SOURCES, Config
-
-SCHEDULE_KINDS = ("wsd", "cosine", "constant")
-DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt")
+from megacpm.config.loader import ConfigError, check_choice
+from megacpm.config.schedule import resolve_schedule
+from megacpm.config.schema import SECTIONS, Config
+from megacpm.parallel.layout import LayoutError, ParallelLayout
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -20,9 +21,15 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: must be {need}, got {value}")
 
 
-def _one_of(key: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}")
+def validate_choices(cfg: Config) -> None:
+    """Every Literal-typed field holds one of its choices. The loader checks them as it reads; this
+    catches a Config built or changed in code, with the same message and the same (typed) choices."""
+    for section in SECTIONS:
+        section_obj = getattr(cfg, section)
+        hints = typing.get_type_hints(type(section_obj))
+        for f in dataclasses.fields(section_obj):
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                check_choice(f"{section}.{f.name}", getattr(section_obj, f.name), hints[f.name])
 
 
 def validate_model(cfg: Config) -> None:
@@ -44,7 +51,6 @@ def validate_model(cfg: Config) -> None:
             f"model.num_key_value_heads: {m.num_key_value_heads} does not divide "
             f"model.num_attention_heads {m.num_attention_heads}"
         )
-    _one_of("model.attention_impl", m.attention_impl, ("auto", "sdpa", "flash", "eager"))
     if not 0.0 <= m.attention_dropout < 1.0:
         raise ConfigError(f"model.attention_dropout: must be in [0, 1), got {m.attention_dropout}")
     if m.rope_scaling is not None:
@@ -65,10 +71,8 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"parallel.tp: {p.tp} does not divide model.num_attention_heads {m.num_attention_heads}"
         )
-    if world_size % (p.tp * p.pp):
-        raise ConfigError(
-            f"parallel.tp * parallel.pp = {p.tp * p.pp} does not divide the world size {world_size}"
-        )
+    # "parallel.tp * parallel.pp = N does not divide the world size W" comes from the layout.
+    dp = data_parallel_size(cfg, world_size)
     if m.num_hidden_layers % (p.pp * p.vpp):
         raise ConfigError(
             f"parallel.pp * parallel.vpp = {p.pp * p.vpp} does not divide "
@@ -87,7 +91,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     if p.vpp > 1:
         if p.pp == 1:
             raise ConfigError("parallel.vpp: virtual pipeline stages need parallel.pp > 1")
-        dp = world_size // (p.tp * p.pp)
         per_rank = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
         if per_rank % p.pp:
             raise ConfigError(
@@ -97,7 +100,12 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    """world_size / (tp * cp * pp), from its one home (ParallelLayout.dp); ConfigError when the
+    layout cannot be built, naming the parallel.* key."""
+    try:
+        return ParallelLayout.from_config(cfg.parallel, world_size).dp
+    except LayoutError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def validate_train(cfg: Config, world_size: int) -> None:
@@ -118,8 +126,6 @@ def validate_train(cfg: Config, world_size: int) -> None:
             f"train.seq_len: {t.seq_len} exceeds model.max_position_embeddings "
             f"{cfg.model.max_position_embeddings}"
         )
-    _one_of("train.device", t.device, ("auto", "cpu", "cuda"))
-    _one_of("train.precision", t.precision, ("auto", "fp32", "bf16"))
 
 
 def validate_optim(cfg: Config) -> None:
@@ -136,8 +142,6 @@ def validate_optim(cfg: Config) -> None:
 
 def validate_schedule(cfg: Config) -> None:
     s = cfg.schedule
-    _one_of("schedule.kind", s.kind, SCHEDULE_KINDS)
-    _one_of("schedule.decay", s.decay, DECAY_SHAPES)
     _positive("schedule.warmup_steps", s.warmup_steps, allow_zero=True)
     for key in ("decay_start", "decay_steps"):
         value: Optional[int] = getattr(s, key)
@@ -154,18 +158,15 @@ def validate_schedule(cfg: Config) -> None:
             f"schedule.decay_start: {s.decay_start} is before the end of warmup "
             f"(schedule.warmup_steps {s.warmup_steps})"
         )
-    # The schedule resolves its own defaults; any combination it rejects is a config error too.
-    from megacpm.optim.schedule import LRSchedule  # local: megacpm.optim imports megacpm.config
-
+    # The schedule's landmarks resolve its defaults; any combination they reject is a config error.
     try:
-        LRSchedule.from_config(s, cfg.optim.lr, cfg.train.steps)
+        resolve_schedule(s, cfg.optim.lr, cfg.train.steps)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
 def validate_data(cfg: Config) -> None:
     d = cfg.data
-    _one_of("data.source", d.source, DATA_SOURCES)
     if d.mixture is not None:
         if d.source != "megatron" or d.path:
             raise ConfigError("data.mixture: needs data.source megatron and replaces data.path (give one of them)")
@@ -201,6 +202,7 @@ def validate_checkpoint(cfg: Config) -> None:
 
 def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> Config:
     """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
+    validate_choices(cfg)
     validate_model(cfg)
     validate_parallel(cfg, world_size)
     validate_train(cfg, world_size)

@@ -25,21 +25,21 @@ from megacpm.data.cache import cache_key, resolve_cache_dir, save_npy_atomic
 from megacpm.data.corpus import Corpus, text_corpus
 from megacpm.data.embedded import embedded_corpus
 from megacpm.data.errors import DataError
+from megacpm.data.blending import BlendedDataset
 from megacpm.data.gpt_dataset import GPTSampleDataset
+from megacpm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab, index_path
 from megacpm.data.tokenizer import LoadedTokenizer, id_space_size, load_given_tokenizer, load_or_train_tokenizer
 
 
 # Seeds the choice of validation documents. A constant on purpose: see the module doc.
 VALIDATION_SPLIT_SEED = 20240401
 
-UINT16_VOCAB_LIMIT = 1 << 16
-
 
 @dataclass
 class DataBundle:
-    train: "GPTSampleDataset | BlendedDataset"  # get_batch reads either
-    valid: "GPTSampleDataset | BlendedDataset"
-    test: "GPTSampleDataset | BlendedDataset | None"  # data.test_fraction > 0 only; never trained on
+    train: GPTSampleDataset | BlendedDataset  # get_batch reads either
+    valid: GPTSampleDataset | BlendedDataset
+    test: GPTSampleDataset | BlendedDataset | None  # data.test_fraction > 0 only; never trained on
     tokenizer: Optional[Tokenizer]  # None for a pre-tokenized (Megatron) corpus
     eod_id: Optional[int]  # the end-of-document token appended to every document (None: the corpus has its own)
     tokenizer_vocab_size: int  # largest token id + 1; may be below model.vocab_size
@@ -67,8 +67,7 @@ def open_corpus(data_cfg: DataConfig) -> Corpus:
 
 
 def token_dtype(tokenizer: Tokenizer) -> np.dtype:
-    fits_uint16 = id_space_size(tokenizer) <= UINT16_VOCAB_LIMIT
-    return np.dtype(np.uint16 if fits_uint16 else np.int32)
+    return dtype_for_vocab(id_space_size(tokenizer))
 
 
 def tokenize_documents(tokenizer: Tokenizer, documents: List[str], dtype: np.dtype) -> Tuple[np.ndarray, np.ndarray]:
@@ -89,8 +88,6 @@ def load_or_tokenize(
     """The corpus as a Megatron indexed dataset with an end-of-document token after each document,
     built once and cached under ``<cache>/tokens/`` keyed by the corpus and the exact tokenizer: the
     prefix of its .bin/.idx. Every source then trains through the same (memory-mapped) path."""
-    from megacpm.data.indexed_dataset import IndexedDatasetWriter, index_path
-
     dtype = token_dtype(loaded.tokenizer)
     tokenizer_hash = hashlib.sha256(loaded.json_text.encode("utf-8")).hexdigest()
     key = cache_key(["indexed", corpus.fingerprint, tokenizer_hash, dtype.str, str(loaded.eod_id)])
@@ -146,8 +143,6 @@ def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int
 def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int,
                     description: Optional[str] = None):
     """(train, valid, test or None) sample streams of one Megatron indexed dataset, used in place."""
-    from megacpm.data.indexed_dataset import IndexedDataset
-
     corpus = IndexedDataset(prefix)
     tokens = corpus.tokens
     _check_token_ids(tokens, vocab_size, f"{prefix}.bin")
@@ -185,8 +180,6 @@ def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed:
     """Sample streams over Megatron indexed datasets (tools/preprocess_data.py --append-eod), used in
     place (memory-mapped, split by documents, nothing copied): one prefix, or a weighted mixture whose
     train and validation streams are blended with the same weights."""
-    from megacpm.data.blending import BlendedDataset
-
     mixture = data_cfg.mixture or {data_cfg.path: 1.0}
     parts = [_indexed_splits(prefix, data_cfg, vocab_size, seq_len, seed) for prefix in mixture]
     weights = list(mixture.values())

@@ -28,9 +28,8 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from megacpm.io.atomic import fsync_dir, tmp_sibling
-from megacpm.data.build import UINT16_VOCAB_LIMIT
 from megacpm.data.errors import DataError
+from megacpm.io.atomic import fsync_dir, tmp_sibling
 
 PathLike = Union[str, os.PathLike]
 
@@ -51,6 +50,9 @@ DTYPE_CODES = {
 }
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
+# Vocabularies up to this size store their token ids as uint16, larger ones as int32.
+UINT16_VOCAB_LIMIT = 1 << 16
+
 LENGTH_DTYPE = np.dtype("<i4")
 POINTER_DTYPE = np.dtype("<i8")
 
@@ -64,7 +66,8 @@ def data_path(prefix: PathLike) -> Path:
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab_size <= 65536), else int32: the token dtype of build.py."""
+    """uint16 when every id fits (vocab_size <= 65536), else int32: the token dtype of a corpus
+    (build.py's cached tokens too)."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return np.dtype(np.uint16 if vocab_size <= UINT16_VOCAB_LIMIT else np.int32)

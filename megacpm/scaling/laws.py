@@ -99,7 +99,7 @@ def fit_data_model_law(N: Sequence[float], D: Sequence[float], loss: Sequence[fl
     Several starts because the surface has flat valleys (a larger C_N with a smaller alpha fits a
     narrow range of N almost as well); each start is a local trust-region solve.
     """
-    from scipy.optimize import least_squares
+    from scipy.optimize import least_squares  # local: scipy is needed only to fit, and slow to import
 
     N, D, loss = _as_points(N, D, loss)
     if len(loss) < 5:

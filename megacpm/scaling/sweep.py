@@ -28,9 +28,10 @@ from itertools import product
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from megacpm.config import load_config
 from megacpm.io.atomic import write_text_atomic
+from megacpm.io.run_dir import CHECKPOINTS_DIR, read_metrics
 from megacpm.scaling.optimum import interpolated_minimum
-from megacpm.io.run_dir import read_metrics
 
 PARAMETRIZATIONS = ("mup", "sp")
 RESULT_FILE = "result.json"
@@ -212,7 +213,7 @@ def slot_environment(slot: int, nproc: int) -> Dict[str, str]:
     disjoint GPUs (slot k: GPUs k*nproc .. (k+1)*nproc - 1) unless the user pinned CUDA_VISIBLE_DEVICES."""
     env = dict(os.environ)
     if "CUDA_VISIBLE_DEVICES" not in env:
-        import torch
+        import torch  # local: only here, and torch costs seconds to import in the planning process
 
         if torch.cuda.device_count() >= (slot + 1) * nproc:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(slot * nproc + i) for i in range(nproc))
@@ -253,7 +254,7 @@ def run_point(spec: SweepSpec, point: SweepPoint, out: Path, base_cfg, threads: 
                          train_loss=_finite_or_none(train_loss), steps=_steps_of(spec, point, base_cfg),
                          tokens=tokens, seconds=round(seconds, 2), run_dir=str(run_dir))
     if not keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 48 runs x 200 MB adds up
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # 48 runs x 200 MB adds up
     if status != "failed":  # a failed point is retried by the next sweep
         write_text_atomic(result_file, json.dumps(asdict(result), indent=1))
     return result
@@ -270,8 +271,6 @@ def cost_estimate(spec: SweepSpec, point: SweepPoint, base_cfg) -> float:
 def run_sweep(spec: SweepSpec, out: Path, jobs: int = 1, threads: int = 0, keep_checkpoints: bool = False,
               on_result: Optional[Callable[[PointResult], None]] = None, nproc: int = 1) -> List[PointResult]:
     """Run every point of the grid, ``jobs`` at a time (each on ``nproc`` processes); results in grid order."""
-    from megacpm.config import load_config
-
     base_cfg = load_config(spec.base)
     points = spec.points()
     out.mkdir(parents=True, exist_ok=True)

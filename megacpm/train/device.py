@@ -18,7 +18,4 @@ def resolve_device(cfg: Config) -> torch.device:
 def param_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """The parameters' and activations' dtype: bf16 on CUDA by default (with fp32 master weights,
     Adam state and gradient reductions in the optimizer: Megatron's --bf16), fp32 on CPU unless asked."""
-    precision = cfg.train.precision
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if cfg.train.uses_bf16(device.type) else torch.float32

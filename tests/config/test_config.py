@@ -96,3 +96,66 @@ def test_parse_overrides_forms():
 
 def test_defaults_are_a_valid_config():
     validate(Config(), check_data=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--schedule.kind=foo", "schedule.kind: must be one of wsd, cosine, constant, got 'foo'"),
+    ("--schedule.decay=poly", "schedule.decay: must be one of exp, linear, cosine, 1-sqrt, got 'poly'"),
+    ("--train.device=tpu", "train.device: must be one of auto, cpu, cuda, got 'tpu'"),
+    ("--train.precision=fp16", "train.precision: must be one of auto, fp32, bf16, got 'fp16'"),
+    ("--model.attention_impl=fast", "model.attention_impl: must be one of auto, sdpa, flash, eager, got 'fast'"),
+    ("--data.source=web", "data.source: must be one of embedded, text, megatron, got 'web'"),
+    ("--log.wandb_mode=disabled", "log.wandb_mode: must be one of online, offline, got 'disabled'"),
+    ("--train.device=1", "train.device: must be one of auto, cpu, cuda, got 1"),
+])
+def test_choice_fields_are_checked_as_they_load(override, message):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config("tiny", [override])
+    assert str(excinfo.value) == message
+
+
+def test_choices_come_from_the_literal_types():
+    import typing
+
+    from megacpm.config import schema
+    from megacpm.config.schema import DATA_SOURCES, DECAY_SHAPES, SCHEDULE_KINDS, ScheduleConfig
+
+    hints = typing.get_type_hints(ScheduleConfig)
+    assert typing.get_args(hints["kind"]) == SCHEDULE_KINDS == ("wsd", "cosine", "constant")
+    assert typing.get_args(hints["decay"]) == DECAY_SHAPES
+    assert typing.get_args(typing.get_type_hints(schema.DataConfig)["source"]) == DATA_SOURCES
+    # A value set in code (not through the loader) is still refused by validate, with the same message.
+    cfg = Config()
+    cfg.train.precision = "fp8"
+    with pytest.raises(ConfigError, match=r"^train\.precision: must be one of auto, fp32, bf16, got 'fp8'$"):
+        validate(cfg, check_data=False)
+
+
+def test_uses_bf16():
+    cfg = Config()
+    assert cfg.train.uses_bf16("cuda") and not cfg.train.uses_bf16("cpu")  # auto
+    cfg.train.precision = "bf16"
+    assert cfg.train.uses_bf16("cpu") and cfg.train.uses_bf16("cuda")
+    cfg.train.precision = "fp32"
+    assert not cfg.train.uses_bf16("cuda")
+
+
+def test_data_parallel_size_is_the_layouts():
+    from megacpm.config.validate import data_parallel_size
+
+    cfg = load_config("tiny", ["--parallel.tp=2", "--parallel.pp=2"])
+    assert data_parallel_size(cfg, 8) == 2
+    with pytest.raises(ConfigError, match=r"^parallel\.tp \* parallel\.pp = 4 does not divide the world size 6$"):
+        data_parallel_size(cfg, 6)
+
+
+def test_schedule_landmarks_resolve_in_the_config_package():
+    from megacpm.config import ScheduleConfig, resolve_schedule
+
+    landmarks = resolve_schedule(ScheduleConfig(warmup_steps=10), 0.01, 1000)
+    assert (landmarks.kind, landmarks.decay_start, landmarks.decay_steps, landmarks.min_lr) == ("wsd", 901, 100, 0.0)
+    with pytest.raises(ValueError, match=r"^schedule\.decay_start:"):
+        resolve_schedule(ScheduleConfig(warmup_steps=10, decay_start=5), 0.01, 1000)
+    # validate reports what the landmarks reject as a ConfigError naming the key.
+    with pytest.raises(ConfigError, match=r"^schedule\.decay_steps:"):
+        validate(load_config("tiny", ["--schedule.decay_steps=0", "--schedule.decay_start=30"]), check_data=False)

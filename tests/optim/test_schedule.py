@@ -139,3 +139,13 @@ def test_every_preset_resolves(name):
     cfg = load_config(name)
     s = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, cfg.train.steps)
     assert s(cfg.train.steps) <= cfg.optim.lr
+
+
+def test_the_schedule_is_built_from_the_configs_landmarks():
+    from megacpm.config import resolve_schedule
+
+    cfg = ScheduleConfig(warmup_steps=30, decay="linear", decay_steps=200)
+    landmarks = resolve_schedule(cfg, ETA, 1000)
+    s = LRSchedule.from_landmarks(landmarks)
+    assert s.describe() == landmarks.describe() == LRSchedule.from_config(cfg, ETA, 1000).describe()
+    assert s(15) == pytest.approx(ETA / 2) and s(801 + 200) == pytest.approx(0.0)  # t = decay_steps
