@@ -36,7 +36,8 @@ setup(
         "scipy>=1.10",  # the scaling-law fits (bounded least squares)
     ],
     extras_require={
-        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "transformers>=4.40"],  # transformers: the Llama-export test
+        "dev": ["pytest>=7.4", "pytest-timeout>=2.1", "transformers>=4.40", "wandb>=0.16"],  # transformers: the
+        # Llama-export test; wandb: the offline W&B run of tests/train/test_callbacks.py
         "gpu": ["flash-attn", "transformer-engine", "nvidia-ml-py"],
     },
     entry_points={"console_scripts": ["megacpm=megacpm.cli:main"]},

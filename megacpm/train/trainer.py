@@ -1,6 +1,7 @@
-"""The training loop: the LR schedule, evaluation, checkpoints, stopping, and the reporting sinks of
-megacpm.train.callbacks, around megacpm.train.parallel_step.ParallelStep (one optimizer step under
-any tensor / sequence / pipeline / data-parallel layout; a single process is the layout of one).
+"""The training loop around megacpm.train.parallel_step.ParallelStep (one optimizer step under any
+tensor / sequence / pipeline / data-parallel layout; a single process is the layout of one): the LR
+schedule, resuming, and the steps; everything else around a step (logs, evaluation, checkpoints,
+stopping, profiling) is a callback of megacpm.train.callbacks, called by ``Trainer.run``.
 
 A run is a pure function of its config: the sample order depends on (seed, sample index), the LR on
 the step, and everything else a continuation needs is in the checkpoint, so a run stopped at any
@@ -12,14 +13,11 @@ directory's logs; checkpoints are written by all ranks together.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,12 +25,14 @@ import torch.distributed as dist
 from megacpm.checkpoint import (PendingSave, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,
                                 save_checkpoint_async)
 from megacpm.io.atomic import write_text_atomic
+from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, TENSORBOARD_DIR
 from megacpm.config import Config, dump_yaml
 from megacpm.data import DataBundle, DataError, build_datasets, data_signature, get_batch
 from megacpm.optim import LRSchedule
-from megacpm.parallel.comm_stats import CommAccounting
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.callbacks import Console, GpuMonitor, MetricsFile, TensorBoard
+from megacpm.train.callbacks import (Callback, CallbackList, Checkpointing, CommStats, Console, Evaluation,
+                                     GpuMonitor, MetricsFile, Profiler, StepRecords, TensorBoard, WandB)
+from megacpm.train.callbacks.checkpointing import StopRequest  # noqa: F401  (its home was this module)
 from megacpm.train.device import param_dtype, resolve_device
 from megacpm.train.parallel_step import IGNORE_INDEX, ParallelStep
 
@@ -50,33 +50,13 @@ class RunResult:
     run_dir: Path
 
 
-class StopRequest:
-    """SIGTERM / first Ctrl-C ask the loop to checkpoint and leave after the current step.
-
-    A second Ctrl-C interrupts at once (the default behaviour), for a user who means it.
-    """
-
-    def __init__(self) -> None:
-        self.requested: Optional[str] = None
-        self._previous: Dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-
 class Trainer:
+    # Set by a callback (the checkpointing one after a stop's save) to leave after the current step.
+    should_stop: bool = False
+    last_eval_loss: Optional[float] = None  # the latest evaluation of this run (the Evaluation callback)
+    callbacks: CallbackList = CallbackList()  # empty until run() builds this run's
+    _extra_callbacks: Tuple[Callback, ...] = ()
+
     def __init__(self, cfg: Config, print_fn: Callable[[str], None] = print,
                  ctx: Optional[ParallelContext] = None):
         self.cfg = cfg
@@ -186,27 +166,31 @@ class Trainer:
         if self.is_rank0:
             self.print(text)
 
-    def _agree(self, stop: StopRequest) -> Tuple[bool, bool]:
-        """(whether any rank was asked to stop, whether every rank's background save is written):
-        all ranks must save, leave and publish a checkpoint at the same step."""
-        asked = stop.requested is not None
-        writing = self.pending is not None and not self.pending.done()
-        if self.ctx.world_size == 1:
-            return asked, not writing
-        flags = torch.tensor([float(asked), float(writing)], device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), not bool(flags[1].item())
+    def add_callback(self, callback: Callback) -> None:
+        """A callback of this trainer's runs, after the standard ones (see default_callbacks)."""
+        self._extra_callbacks = (*self._extra_callbacks, callback)
 
-    def _sinks(self) -> Tuple[List, Optional[Console]]:
-        if not self.is_rank0:
-            return [], None
-        cfg, t = self.cfg, self.cfg.train
-        sinks: List = [MetricsFile(self.run_dir / "metrics.jsonl", resume_step=self.state.step)]
-        if cfg.log.tensorboard:
-            sinks.append(TensorBoard(self.run_dir / "tb"))
-        console = Console(t.steps, self.state.step, cfg.log.progress)
-        sinks.append(console)
-        return sinks, console
+    def default_callbacks(self) -> List[Callback]:
+        """The standard callbacks, in the order they are called. The record builder first (it asks the
+        comm/GPU callbacks for their fields and hands the record to the sinks), the sinks on rank 0
+        only, then evaluation and checkpoints (collective: every rank), the profiler (every rank)."""
+        cfg = self.cfg
+        callbacks: List[Callback] = [StepRecords(), CommStats()]
+        if self.is_rank0:
+            if cfg.log.nvml and self.device.type == "cuda":
+                gpu = GpuMonitor.create(self.device.index or 0)
+                if gpu is not None:
+                    callbacks.append(gpu)
+            callbacks.append(MetricsFile(self.run_dir / METRICS_FILE))
+            if cfg.log.tensorboard:
+                callbacks.append(TensorBoard(self.run_dir / TENSORBOARD_DIR))
+            callbacks.append(Console(cfg.log.progress))
+        if cfg.log.wandb:
+            callbacks.append(WandB(active=self.is_rank0))  # on every rank: a missing package fails all alike
+        callbacks += [Evaluation(), Checkpointing()]
+        if cfg.log.profile_steps:
+            callbacks.append(Profiler(self.run_dir / PROFILE_DIR, cfg.log.profile_steps))
+        return callbacks
 
     def _describe(self) -> str:
         t, layout = self.cfg.train, self.ctx.layout
@@ -219,71 +203,31 @@ class Trainer:
                 f"({'bf16 with fp32 master weights' if self.param_dtype == torch.bfloat16 else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)")
 
     def run(self) -> RunResult:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if self.is_rank0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", dump_yaml(cfg))
+            write_text_atomic(self.run_dir / CONFIG_FILE, dump_yaml(self.cfg))
         self._resume()
         if self.state.step >= t.steps:
             self._message(f"{self.run_dir}: already at step {self.state.step} of {t.steps}; nothing to do "
                           f"(raise train.steps to continue)")
             return RunResult("already-complete", self.state.step, None, None, self.run_dir)
 
-        sinks, console = self._sinks()
-        gpu = None
-        if self.is_rank0 and cfg.log.nvml and self.device.type == "cuda":
-            gpu = GpuMonitor.create(self.device.index or 0)
-        status, metrics, eval_loss = "completed", None, None
-        if console is not None:
-            console.message(self._describe())
+        callbacks = self.callbacks = CallbackList([*self.default_callbacks(), *self._extra_callbacks])
+        self.should_stop, self.last_eval_loss, metrics, result = False, None, None, None
         try:
-            with StopRequest().installed() as stop:
-                window_start, window_tokens = time.monotonic(), 0
-                for step in range(self.state.step + 1, t.steps + 1):
-                    tokens_before = self.state.tokens
-                    last_step = step == t.steps
-                    logged = step % t.log_interval == 0 or step == 1 or last_step
-                    # Counted on logged steps only (a layout moves the same bytes every step).
-                    comm = CommAccounting(self.ctx) if logged and self.ctx.world_size > 1 else None
-                    with comm if comm is not None else contextlib.nullcontext():
-                        metrics = self.train_step(step)
-                    window_tokens += self.state.tokens - tokens_before
-                    if console is not None:
-                        console.step_done()
-                    if logged:
-                        elapsed = time.monotonic() - window_start
-                        record = {"step": step, **metrics, "tokens": self.state.tokens,
-                                  "tokens_per_sec": window_tokens / max(elapsed, 1e-9),
-                                  **(comm.metrics() if comm is not None else {})}
-                        if gpu is not None:
-                            record.update(gpu.sample())
-                        for sink in sinks:
-                            sink.write(record)
-                        window_start, window_tokens = time.monotonic(), 0
-                    if t.eval_batches and (step % t.eval_interval == 0 or last_step):
-                        eval_loss = self.evaluate()
-                        for sink in sinks:
-                            sink.write({"step": step, "eval_loss": eval_loss})
-                    interval = cfg.checkpoint.interval
-                    stopping, written = self._agree(stop)
-                    if written:
-                        self._finish_pending()  # a background save is complete everywhere: publish it
-                    if last_step or (interval and step % interval == 0) or stopping:
-                        # The run's last checkpoint is written before leaving; the others may overlap
-                        # the next steps.
-                        background = cfg.checkpoint.async_save and not (last_step or stopping)
-                        path = self._save(background)
-                        if stopping:
-                            if console is not None:
-                                console.message(f"{stop.requested or 'stop on another rank'}: saved {path}; "
-                                                f"stopping at step {step}")
-                            status = "interrupted"
-                            break
+            callbacks.on_train_start(self)
+            for step in range(self.state.step + 1, t.steps + 1):
+                with callbacks.step_context(self, step):
+                    metrics = self.train_step(step)
+                callbacks.on_step_end(self, step, metrics)
+                if self.should_stop:
+                    break
+            result = RunResult("interrupted" if self.should_stop else "completed", self.state.step,
+                               metrics["loss"], self.last_eval_loss, self.run_dir)
         except TrainingDiverged:
             self._finish_pending()  # an earlier step's checkpoint is good: publish it (every rank is here)
             raise
         finally:
-            for sink in sinks:
-                sink.close()
-        last_loss = metrics["loss"] if metrics else None
-        return RunResult(status, self.state.step, last_loss, eval_loss, self.run_dir)
+            callbacks.on_train_end(self, result)
+        return result

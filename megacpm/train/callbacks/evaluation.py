@@ -1,0 +1,20 @@
+"""Evaluation on the validation split every train.eval_interval steps and at the last step."""
+from __future__ import annotations
+
+from megacpm.train.callbacks.base import Callback
+
+
+def is_eval_step(trainer, step: int) -> bool:
+    t = trainer.cfg.train
+    return bool(t.eval_batches) and ((t.eval_interval > 0 and step % t.eval_interval == 0) or step == t.steps)
+
+
+class Evaluation(Callback):
+    """Runs ``trainer.evaluate()`` (collective: on every rank) after the steps due, keeps the value in
+    ``trainer.last_eval_loss`` and passes ``{"eval_loss": ...}`` on to on_evaluate. Nothing when
+    train.eval_batches is 0."""
+
+    def on_step_end(self, trainer, step, metrics) -> None:
+        if is_eval_step(trainer, step):
+            trainer.last_eval_loss = trainer.evaluate()
+            trainer.callbacks.on_evaluate(trainer, step, {"eval_loss": trainer.last_eval_loss})
