@@ -4,6 +4,7 @@ clipping (none of megacpm's parallel code)."""
 import torch
 
 from megacpm.config import Config
+from megacpm.data.batch import Batch
 from megacpm.model import MiniCPM
 from megacpm.optim import build_optimizer, clip_grad_norm_, set_lr
 
@@ -24,7 +25,7 @@ def make_config(vocab_size: int = VOCAB, **parallel) -> Config:
 
 def global_batches(steps: int, vocab_size: int = VOCAB):
     g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g) for _ in range(steps)]
+    return [Batch.from_tokens(torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)) for _ in range(steps)]
 
 
 def reference_run(steps: int, lr: float = LR, vocab_size: int = VOCAB):
@@ -34,15 +35,15 @@ def reference_run(steps: int, lr: float = LR, vocab_size: int = VOCAB):
     model.init_weights(torch.Generator().manual_seed(0))
     optimizer = build_optimizer(model, cfg.model, cfg.optim)
     losses, norms = [], []
-    for samples in global_batches(steps, vocab_size):
+    for batch in global_batches(steps, vocab_size):
         total = 0.0
-        for micro in samples.split(MICRO_BATCH):
-            loss_sum, _ = model.loss(micro[:, :-1], micro[:, 1:])
-            (loss_sum / samples[:, 1:].numel()).backward()
+        for inputs, labels in zip(batch.input_ids.split(MICRO_BATCH), batch.labels.split(MICRO_BATCH)):
+            loss_sum, _ = model.loss(inputs, labels)
+            (loss_sum / batch.labels.numel()).backward()
             total += float(loss_sum.detach())
         norms.append(float(clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)))
         set_lr(optimizer, lr)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(total / samples[:, 1:].numel())
+        losses.append(total / batch.labels.numel())
     return losses, norms

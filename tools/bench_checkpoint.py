@@ -7,7 +7,7 @@
   python tools/bench_checkpoint.py --dir /mnt/fast --json   # on another filesystem, as JSON
   python tools/bench_checkpoint.py --model.num_hidden_layers=8   # any config override, applied last
 
-One process builds a ParallelStep (ParallelContext.single(), fp32) of a MiniCPM sized to about
+One process builds a TrainModule (ParallelContext.single(), fp32) of a MiniCPM sized to about
 ``--params-millions`` million parameters and, in each repeat, measures side by side:
 
   checkpoint save   megacpm.checkpoint.save_checkpoint: the fp32 master weights and both AdamW
@@ -16,7 +16,7 @@ One process builds a ParallelStep (ParallelContext.single(), fp32) of a MiniCPM 
   disk write        one plain file of exactly the checkpoint's total size: f.write of a 64 MiB
                     buffer, flush, os.fsync
   disk read         the plain file read back (readinto a 64 MiB buffer)
-  checkpoint load   megacpm.checkpoint.load_checkpoint of ``latest`` into the same ParallelStep
+  checkpoint load   megacpm.checkpoint.load_checkpoint of ``latest`` into the same TrainModule
   background save   save_checkpoint_async (checkpoint.async_save): how long the training loop is
                     held (the host copy), the time to the published checkpoint, and the time of a
                     small training step alone and while the write runs
@@ -60,7 +60,8 @@ from megacpm.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint
 from megacpm.config import ConfigError, load_config, validate  # noqa: E402
 from megacpm.model import count_parameters  # noqa: E402
 from megacpm.parallel.context import ParallelContext  # noqa: E402
-from megacpm.train.parallel_step import ParallelStep  # noqa: E402
+from megacpm.data.batch import Batch  # noqa: E402
+from megacpm.train.train_module import TrainModule  # noqa: E402
 
 CHUNK = 64 << 20  # bytes per write / readinto call of the plain file
 VOCAB = 32768
@@ -169,13 +170,13 @@ def timed(fn):
 def measure(cfg, work: Path, repeats: int, log, keep: bool = False) -> dict:
     counts = count_parameters(cfg.model)
     log(f"building the model: {counts['total'] / 1e6:.1f}M parameters ...")
-    build_s, step = timed(lambda: ParallelStep(cfg, ParallelContext.single(),
-                                               generator=torch.Generator().manual_seed(0)))
-    opt = step.optimizer
+    build_s, step = timed(lambda: TrainModule(cfg, ParallelContext.single(),
+                                              generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():  # moments as after training (materialised, not calloc'd zero pages)
-        opt.exp_avg.copy_(opt.master).mul_(0.1)
-        opt.exp_avg_sq.copy_(opt.master).square_()
-    params = step.named_parameters()
+        for opt in step.optimizer.adamw.values():
+            opt.exp_avg.copy_(opt.master).mul_(0.1)
+            opt.exp_avg_sq.copy_(opt.master).square_()
+    params = step.model.params_by_name()
     probe = {name: params[name].detach().clone() for name in (next(iter(params)), list(params)[-1])}
 
     run_dir, plain = work / "run", work / "plain.bin"
@@ -244,7 +245,7 @@ def measure_background_save(cfg, step, run_dir: Path, repeats: int, log) -> dict
     """checkpoint.async_save: how long the training loop is held (the host copy), how long the
     background write takes, and how much the steps taken meanwhile slow down (they share the CPU
     and memory bandwidth with the writer)."""
-    batch = torch.randint(0, cfg.model.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0))
+    batch = Batch.from_tokens(torch.randint(0, cfg.model.vocab_size, (1, 65), generator=torch.Generator().manual_seed(0)))
     step.step(batch, 0.0)  # warm-up
     baseline = [timed(lambda: step.step(batch, 0.0))[0] for _ in range(3)]
     stalls, totals, during = [], [], []

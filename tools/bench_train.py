@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training-step throughput of a config: tokens/s, the split between forward+backward (with the
 gradient reductions) and the optimizer update, peak memory, model FLOPs per token, achieved FLOP/s
-and MFU (where the device's peak is known). One process: the trainer's own step (ParallelStep).
+and MFU (where the device's peak is known). One process: the trainer's own step (TrainModule).
 
   python tools/bench_train.py tiny --steps 10
   python tools/bench_train.py tiny --model.hidden_size=512 --model.num_hidden_layers=8 --json
@@ -24,11 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from megacpm.config import ConfigError, load_config, validate  # noqa: E402
+from megacpm.data.batch import Batch  # noqa: E402
 from megacpm.model import count_parameters  # noqa: E402
 from megacpm.parallel.context import ParallelContext  # noqa: E402
 from megacpm.train.device import param_dtype, resolve_device  # noqa: E402
 from megacpm.train.flops import flops_per_token  # noqa: E402
-from megacpm.train.parallel_step import ParallelStep  # noqa: E402
+from megacpm.train.train_module import TrainModule  # noqa: E402
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -55,8 +56,8 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     t = cfg.train
-    step_fn = ParallelStep(cfg, ParallelContext.single(device), generator=torch.Generator().manual_seed(t.seed),
-                           param_dtype=dtype)
+    step_fn = TrainModule(cfg, ParallelContext.single(device), generator=torch.Generator().manual_seed(t.seed),
+                          param_dtype=dtype)
     gen = torch.Generator().manual_seed(0)
     tokens_per_step = t.global_batch_size * t.seq_len
 
@@ -64,7 +65,8 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(warmup + steps):
-        batch = torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1), generator=gen)
+        batch = Batch.from_tokens(torch.randint(0, cfg.model.vocab_size, (t.global_batch_size, t.seq_len + 1),
+                                                generator=gen))
         synchronize(device)
         start = time.perf_counter()
         _, norm = step_fn.compute_gradients(batch)

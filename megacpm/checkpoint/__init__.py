@@ -1,13 +1,12 @@
-"""Checkpoints: atomic writes, DCP-based save/load in model space, the ``latest`` pointer.
+"""Checkpoints: DCP-based save/load in model space, the ``latest`` pointer, branches and the run tree.
 
-The names below are loaded on first use (PEP 562): importing a light submodule such as
-``megacpm.io.atomic`` must not pull in torch.distributed.checkpoint and the trainer (about a
-second per process, paid by every data-preprocessing worker otherwise).
+The names below are loaded on first use (PEP 562): importing the package must not pull in
+torch.distributed.checkpoint and the model (about a second per process) until one is used.
 """
 import importlib
 
 _MANAGER_EXPORTS = ("CheckpointError", "TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-                    "PendingSave", "save_checkpoint", "save_checkpoint_async", "save_weights")
+                    "PendingSave", "load_model_weights", "save_checkpoint", "save_checkpoint_async", "save_weights")
 
 __all__ = list(_MANAGER_EXPORTS)
 

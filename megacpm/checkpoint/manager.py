@@ -17,12 +17,11 @@ import base64
 import json
 import os
 import random
-import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 import numpy as np
 import torch
@@ -30,15 +29,26 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megacpm.io.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
 from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
+from megacpm.io.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
+from megacpm.io.run_dir import (CONFIG_FILE, LATEST_FILE, STATE_DIR, STEP_DIR, TRAINER_STATE_FILE, checkpoints_dir,
+                                rng_file, step_dir_name)
+from megacpm.optim.sharded_optimizer import ShardedOptimizer
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.parallel.sharded_model import ShardedModel
 
 FORMAT_VERSION = 2  # 2: model-space DCP of any layout, per-rank RNG files
-LATEST = "latest"
-STEP_DIR = re.compile(r"^step_(\d+)$")
+LATEST = LATEST_FILE  # the name branch.py and tools know
+
+
+class Trainable(Protocol):
+    """What a checkpoint saves and restores: a sharded model and its optimizer (megacpm.train's
+    TrainModule is one); checkpoint/ knows nothing more of training."""
+
+    ctx: ParallelContext
+    model: ShardedModel
+    optimizer: ShardedOptimizer
 # Model fields that change a tensor's shape: a checkpoint cannot load into a model differing in them.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "tie_word_embeddings")
@@ -59,10 +69,6 @@ class TrainerState:
     # starts that mixture's stream from its beginning.
     data_start: int = 0
     data_signature: str = ""
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def list_checkpoints(run_dir: str | Path) -> List[int]:
@@ -154,12 +160,13 @@ def _barrier(ctx: ParallelContext) -> None:
         dist.barrier()
 
 
-def save_checkpoint(run_dir: str | Path, cfg: Config, step: ParallelStep, state: TrainerState) -> Path:
+def save_checkpoint(run_dir: str | Path, cfg: Config, trainable: Trainable, state: TrainerState) -> Path:
     """Write ``checkpoints/step_<state.step>`` atomically, point ``latest`` at it, rotate old ones.
 
     Collective: every rank of the run calls it.
     """
-    return _save(run_dir, cfg, step.ctx, state, lambda: state_to_save(step), with_optimizer=True)
+    return _save(run_dir, cfg, trainable.ctx, state, lambda: state_to_save(trainable.model, trainable.optimizer),
+                 with_optimizer=True)
 
 
 class PendingSave:
@@ -188,11 +195,12 @@ class PendingSave:
         return self.path
 
 
-def save_checkpoint_async(run_dir: str | Path, cfg: Config, step: ParallelStep, state: TrainerState) -> PendingSave:
+def save_checkpoint_async(run_dir: str | Path, cfg: Config, trainable: Trainable, state: TrainerState) -> PendingSave:
     """Start ``save_checkpoint`` in a background thread. The state is copied to host memory before
     this returns, so training may go on changing the weights; call ``finish()`` on the result before
     the next save. Collective: every rank of the run calls it."""
-    return _save(run_dir, cfg, step.ctx, state, lambda: state_to_save(step), with_optimizer=True, background=True)
+    return _save(run_dir, cfg, trainable.ctx, state, lambda: state_to_save(trainable.model, trainable.optimizer),
+                 with_optimizer=True, background=True)
 
 
 def save_weights(run_dir: str | Path, cfg: Config, weights: Dict[str, torch.Tensor],
@@ -207,7 +215,7 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
           with_optimizer: bool, background: bool = False):
     state = replace(state)  # as of now: a background save is published after the trainer moved on
     root = checkpoints_dir(run_dir)
-    final = root / f"step_{state.step}"
+    final = root / step_dir_name(state.step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
 
     def prepare() -> bool:
@@ -216,21 +224,21 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
         if final.exists():  # saved already (e.g. the end of a run that was interrupted right after)
             write_text_atomic(root / LATEST, final.name)
             return False
-        (tmp / "rng").mkdir(parents=True)
+        rng_file(tmp, 0).parent.mkdir(parents=True)
         return True
 
     if not _on_rank0(ctx, prepare):
         return PendingSave(None, ctx, lambda: None, final) if background else final
-    write_text_atomic(tmp / "rng" / f"rank_{ctx.rank}.json", json.dumps(_rng_state()))
+    write_text_atomic(rng_file(tmp, ctx.rank), json.dumps(_rng_state()))
     future = None
     if background:
         # DCP copies the tensors to host memory, then writes from a thread coordinating over its own
         # group while this thread's collectives go on.
-        future = _dcp_quiet(dcp.async_save, dcp_state(), checkpoint_id=str(tmp / "state"),
+        future = _dcp_quiet(dcp.async_save, dcp_state(), checkpoint_id=str(tmp / STATE_DIR),
                             process_group=ctx.background_group, no_dist=ctx.world_size == 1,
                             async_stager=HostCopyStager())
     else:
-        _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / "state"))
+        _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / STATE_DIR))
         _barrier(ctx)
 
     def finalize() -> None:
@@ -238,8 +246,8 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
                 "model": _model_shape(cfg.model),
                 "layout": {"world_size": ctx.world_size, "tp": ctx.layout.tp, "pp": ctx.layout.pp,
                            "vpp": ctx.layout.vpp, "zero1": cfg.parallel.zero1}}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
-        (tmp / "config.yaml").write_text(dump_yaml(cfg))
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(meta, indent=1))
+        (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
         fsync_tree(tmp)
         os.rename(tmp, final)
         fsync_dir(root)
@@ -257,11 +265,11 @@ def _rotate(root: Path, keep: int) -> None:
         return
     steps = list_checkpoints(root.parent)
     for step in steps[:-keep]:
-        shutil.rmtree(root / f"step_{step}", ignore_errors=True)
+        shutil.rmtree(root / step_dir_name(step), ignore_errors=True)
 
 
 def read_trainer_state(path: Path) -> Dict[str, Any]:
-    meta_path = path / "trainer_state.json"
+    meta_path = path / TRAINER_STATE_FILE
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
@@ -274,30 +282,38 @@ def read_trainer_state(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_optimizer: bool = True) -> TrainerState:
-    """Load weights (and AdamW moments) into this rank's part of the model, under any layout, and
-    this rank's RNG states. Collective: every rank of the run calls it."""
-    path = Path(path)
-    meta = read_trainer_state(path)
-    saved_shape, wanted = meta.get("model", {}), _model_shape(cfg.model)
-    for key, value in wanted.items():
-        if saved_shape.get(key) != value:
-            raise CheckpointError(
-                f"{path}: model.{key} is {saved_shape.get(key)!r} in the checkpoint but {value!r} in the config"
-            )
-    state_dir = path / "state"
+def _check_model_shape(path: Path, meta: Dict[str, Any], model_cfg: ModelConfig) -> None:
+    saved = meta.get("model", {})
+    for key, value in _model_shape(model_cfg).items():
+        if saved.get(key) != value:
+            raise CheckpointError(f"{path}: model.{key} is {saved.get(key)!r} in the checkpoint but {value!r} in the config")
+
+
+def _load_dcp(path: Path, model: ShardedModel, with_optimizer: bool) -> Dict[str, Dict[str, torch.Tensor]]:
+    """This rank's slices of the checkpoint's fp32 masters (and moments) as {name: {...}}."""
+    state_dir = path / STATE_DIR
     if not (state_dir / ".metadata").is_file():
         raise CheckpointError(f"{state_dir / '.metadata'}: missing (incomplete checkpoint)")
-    with_optimizer = with_optimizer and meta.get("optimizer", True)  # weights-only: a fresh optimizer
-    target, local = state_to_load(step, with_optimizer)
+    target, local = state_to_load(model, with_optimizer)
     try:
         _dcp_quiet(dcp.load, target, checkpoint_id=str(state_dir))
     except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
         raise CheckpointError(f"{state_dir}: cannot be read ({_first_cause(exc)})") from None
-    step.load_optimizer_state(local, int(meta["optimizer_steps"]) if with_optimizer else 0)
-    rank_file = path / "rng" / f"rank_{step.ctx.rank}.json"
+    return local
+
+
+def load_checkpoint(path: str | Path, cfg: Config, trainable: Trainable, with_optimizer: bool = True) -> TrainerState:
+    """Load weights (and AdamW moments) into this rank's part of the model, under any layout, and
+    this rank's RNG states. Collective: every rank of the run calls it."""
+    path = Path(path)
+    meta = read_trainer_state(path)
+    _check_model_shape(path, meta, cfg.model)
+    with_optimizer = with_optimizer and meta.get("optimizer", True)  # weights-only: a fresh optimizer
+    local = _load_dcp(path, trainable.model, with_optimizer)
+    trainable.optimizer.load_state_by_name(local, int(meta["optimizer_steps"]) if with_optimizer else 0)
     # A rank that did not exist when the checkpoint was written (a larger layout) takes rank 0's.
-    rng_path = rank_file if rank_file.is_file() else path / "rng" / "rank_0.json"
+    rank_path = rng_file(path, trainable.ctx.rank)
+    rng_path = rank_path if rank_path.is_file() else rng_file(path, 0)
     try:
         _set_rng_state(json.loads(rng_path.read_text()))
     except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
@@ -307,18 +323,25 @@ def load_checkpoint(path: str | Path, cfg: Config, step: ParallelStep, with_opti
                         data_start=int(meta.get("data_start", 0)), data_signature=str(meta.get("data_signature", "")))
 
 
+@torch.no_grad()
+def load_model_weights(path: str | Path, model: ShardedModel) -> None:
+    """The weights of a checkpoint into a sharded model with no optimizer (a frozen reference, an
+    evaluation), under any layout; RNG states and trainer state are left alone. Collective."""
+    path = Path(path)
+    _check_model_shape(path, read_trainer_state(path), model.cfg)
+    local = _load_dcp(path, model, with_optimizer=False)
+    for name, param in model.params_by_name().items():
+        param.copy_(local[name]["master"])
+
+
 def read_weights(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
     """A checkpoint's fp32 model-space weights, whole, in one process (whatever layout wrote them)."""
     path = Path(path)
-    meta = read_trainer_state(path)
-    saved = meta.get("model", {})
-    for key, value in _model_shape(model_cfg).items():
-        if saved.get(key) != value:
-            raise CheckpointError(f"{path}: model.{key} is {saved.get(key)!r} in the checkpoint but {value!r} in its config")
+    _check_model_shape(path, read_trainer_state(path), model_cfg)
     weights = {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
     try:
-        _dcp_quiet(dcp.load, {"model": weights}, checkpoint_id=str(path / "state"))
+        _dcp_quiet(dcp.load, {"model": weights}, checkpoint_id=str(path / STATE_DIR))
     except (Exception, CheckpointException) as exc:
-        raise CheckpointError(f"{path / 'state'}: cannot be read ({_first_cause(exc)})") from None
+        raise CheckpointError(f"{path / STATE_DIR}: cannot be read ({_first_cause(exc)})") from None
     return weights
 

@@ -2,7 +2,7 @@
 
 Every tensor is keyed by its single-process parameter name (``layers.7.mlp.up_proj.weight``) and has
 the single-process shape: a tensor-parallel shard is wrapped as a DTensor over the TP group with
-``Shard(tp_shard_dim)``, which tells torch.distributed.checkpoint its global shape and offset; a
+``Shard(dim)`` of its ParamSpec, which tells torch.distributed.checkpoint its global shape and offset; a
 replicated tensor is a plain tensor (DCP writes one copy). A pipeline rank contributes only the
 layers it holds. ZeRO-1 moments are gathered into parameter shape first. So a checkpoint written
 under one (tp, pp, vpp, dp, zero1) loads under any other: DCP reads each rank's slice of each key.
@@ -14,81 +14,51 @@ from __future__ import annotations
 from typing import Dict, Tuple
 
 import torch
-from torch import nn
 
-from megacpm.parallel.context import ParallelContext
-from megacpm.parallel.zero import STATE_KEYS
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.optim.distributed_adamw import STATE_KEYS
+from megacpm.optim.sharded_optimizer import ShardedOptimizer
+from megacpm.parallel.sharded_model import ShardedModel
 
-TIED_EMBEDDING = "embed_tokens.weight"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 StateDict = Dict[str, Dict]
 
 
-def _tp_mesh(ctx: ParallelContext):
-    if ctx.layout.tp == 1:
-        return None
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return DeviceMesh.from_group(ctx.group("tp"), ctx.device.type)
-
-
-def checkpoint_key(name: str, param: nn.Parameter) -> str:
-    """The model-space name of a parameter (the last stage's copy of a tied embedding is the embedding)."""
-    return TIED_EMBEDDING if getattr(param, "embedding_copy", False) else name
-
-
-def _global_view(local: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor:
-    dim = getattr(param, "tp_shard_dim", None)
-    if mesh is None or dim is None:
-        return local
-    from torch.distributed.tensor import DTensor, Shard
-
-    if hasattr(param, "tp_global_rows"):
-        # A padded vocabulary: only the real rows are model space, an uneven Shard(0) with
-        # torch.chunk's split, which is how the padding was laid out.
-        local = local.narrow(0, 0, param.tp_valid_rows)
-        shape = torch.Size((param.tp_global_rows, *local.shape[1:]))
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
-    # No communication: every shard has the same shape, so the global shape is local * tp.
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
-
-
-def state_to_save(step: ParallelStep) -> StateDict:
+def state_to_save(model: ShardedModel, optimizer: ShardedOptimizer) -> StateDict:
     """The state dict to hand to dcp.save (collective over DP under ZeRO-1).
 
     The weights saved are the optimizer's fp32 masters (equal to the parameters in fp32 training,
-    the exact values behind bf16 parameters otherwise).
+    the exact values behind bf16 parameters otherwise). A copy (the last stage's tied embedding) is
+    not saved: its original is.
     """
-    mesh = _tp_mesh(step.ctx)
-    state = step.optimizer_state()
+    mesh = model.tp_mesh()
+    state = optimizer.state_by_name()
     saved: StateDict = {"model": {}, "optim": {key: {} for key in MOMENTS}}
-    for name, param in step.named_parameters().items():
-        if getattr(param, "embedding_copy", False):
-            continue  # the first stage's copy is saved; both are identical
-        saved["model"][name] = _global_view(state[name]["master"], param, mesh)
+    for name, param in model.params_by_name().items():
+        if model.model_space_name(name, param) != name:
+            continue
+        saved["model"][name] = model.global_view(state[name]["master"], param, mesh)
         for key in MOMENTS:
-            saved["optim"][key][name] = _global_view(state[name][key], param, mesh)
+            saved["optim"][key][name] = model.global_view(state[name][key], param, mesh)
     return saved
 
 
-def state_to_load(step: ParallelStep, with_optimizer: bool = True
+def state_to_load(model: ShardedModel, with_optimizer: bool = True
                   ) -> Tuple[StateDict, Dict[str, Dict[str, torch.Tensor]]]:
     """(state dict for dcp.load, the local fp32 tensors it fills: {name: {"master", "exp_avg",
-    "exp_avg_sq"}}), to hand to ``step.load_optimizer_state`` afterwards. Without the optimizer the
+    "exp_avg_sq"}}). Hand them to ``ShardedOptimizer.load_state_by_name`` afterwards, or copy the
+    masters into the parameters for a model without an optimizer. Without the optimizer the
     moments stay zero (a fresh optimizer on loaded weights)."""
-    mesh = _tp_mesh(step.ctx)
+    mesh = model.tp_mesh()
     target: StateDict = {"model": {}}
     if with_optimizer:
         target["optim"] = {key: {} for key in MOMENTS}
     local: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, param in step.named_parameters().items():
-        key = checkpoint_key(name, param)
+    for name, param in model.params_by_name().items():
+        key = model.model_space_name(name, param)
         local[name] = {m: torch.zeros_like(param, dtype=torch.float32) for m in STATE_KEYS}
-        target["model"][key] = _global_view(local[name]["master"], param, mesh)
+        target["model"][key] = model.global_view(local[name]["master"], param, mesh)
         for m in MOMENTS if with_optimizer else ():
-            target["optim"][m][key] = _global_view(local[name][m], param, mesh)
+            target["optim"][m][key] = model.global_view(local[name][m], param, mesh)
     return target, local
 
 

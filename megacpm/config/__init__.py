@@ -14,6 +14,7 @@ from megacpm.config.schema import (
     DataConfig,
     LogConfig,
     ModelConfig,
+    ObjectiveConfig,
     OptimConfig,
     ParallelConfig,
     RunConfig,
@@ -23,7 +24,7 @@ from megacpm.config.schema import (
 from megacpm.config.validate import validate
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LogConfig", "ModelConfig", "ObjectiveConfig",
     "OptimConfig", "ParallelConfig", "RunConfig", "ScheduleConfig", "ScheduleLandmarks", "TrainConfig",
     "config_from_dict", "config_to_dict", "dump_yaml", "load_config", "preset_names", "resolve_schedule",
     "validate",

@@ -188,6 +188,17 @@ class LogConfig:
     profile_steps: Optional[List[int]] = None
 
 
+ObjectiveKind = Literal["lm"]  # SFT and DPO join here (megacpm.objectives.OBJECTIVES)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a training step minimises (megacpm.objectives): "lm" is next-token prediction with the
+    token-weighted mean cross entropy of the step."""
+
+    kind: ObjectiveKind = "lm"
+
+
 @dataclass
 class RunConfig:
     dir: Optional[str] = None  # None: runs/<config name>
@@ -205,6 +216,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
-SECTIONS = ("run", "model", "parallel", "train", "optim", "schedule", "data", "checkpoint", "log")
+SECTIONS = ("run", "model", "parallel", "train", "optim", "schedule", "data", "checkpoint", "log", "objective")

@@ -7,7 +7,9 @@ renaming only.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import functools
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +22,10 @@ from megacpm.model.attention import causal_attention
 from megacpm.model.mup import init_weights
 from megacpm.model.rotary import RotaryEmbedding, apply_rotary
 
-# Tokens whose [tokens, vocab] fp32 logits are alive at once in ``MiniCPM.loss``: 4096 tokens x
-# 122,753 vocab x 4 bytes is 2 GB, where an unchunked micro-batch of 2 x 4096 tokens would hold
-# twice that, plus its gradient, plus a bf16 copy under autocast.
-DEFAULT_LOSS_CHUNK_TOKENS = 4096
+# The loss head's [tokens, vocab] logits are computed a chunk of tokens at a time: None leaves
+# the chunk size to the kernels' one rule (megacpm.kernels default_chunk_tokens: a bounded number
+# of logits elements, whatever the tensor-parallel vocabulary slice).
+DEFAULT_LOSS_CHUNK_TOKENS: Optional[int] = None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,19 +60,32 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+DropoutRng = Callable[[torch.device], ContextManager]
+
+
+def shared_rng(device: torch.device) -> ContextManager:
+    """Dropout draws from the default generator (a single process, or heads not split over ranks)."""
+    return contextlib.nullcontext()
+
+
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE on q and k."""
+    """Causal grouped-query self-attention with RoPE on q and k.
+
+    Two things are injected when the model is built, so that the model knows nothing of how it is
+    parallelised: ``attention_fn(q, k, v, dropout_p=...)``, the local attention core (default:
+    megacpm.model.attention.causal_attention with model.attention_impl), and ``dropout_rng(device)``,
+    the generator context the attention dropout draws in (a tensor-parallel plan gives each rank
+    its own stream for its own heads).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.impl = cfg.attention_impl
         self.dropout = cfg.attention_dropout
-        # Set when the heads are split over tensor-parallel ranks: dropout then draws from this
-        # rank's own stream (megacpm.parallel.random).
-        self.tp_rank: Optional[int] = None
+        self.attention_fn: Callable[..., torch.Tensor] = functools.partial(causal_attention, impl=cfg.attention_impl)
+        self.dropout_rng: DropoutRng = shared_rng
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -86,13 +101,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim)
         q, k = apply_rotary(q, k, cos, sin)
         dropout = self.dropout if self.training else 0.0
-        if dropout > 0 and self.tp_rank is not None:
-            from megacpm.parallel.random import tensor_parallel_rng
-
-            with tensor_parallel_rng(self.tp_rank, q.device):
-                out = causal_attention(q, k, v, self.impl, dropout)
+        if dropout > 0:
+            with self.dropout_rng(q.device):
+                out = self.attention_fn(q, k, v, dropout_p=dropout)
         else:
-            out = causal_attention(q, k, v, self.impl, dropout)
+            out = self.attention_fn(q, k, v, dropout_p=0.0)
         return self.o_proj(out.flatten(2))
 
 
@@ -112,20 +125,86 @@ class DecoderLayer(nn.Module):
         return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
 
 
+class LayerStack(nn.Module):
+    """Decoder layers registered under their global indices, so a chunk holding layers 8..15 names
+    its parameters ``layers.8.…`` as the whole model does. Iterates in index order; ``stack[i]`` is
+    global layer i."""
+
+    def __init__(self, layers: Dict[int, DecoderLayer]):
+        super().__init__()
+        for index in sorted(layers):
+            self.add_module(str(index), layers[index])
+
+    def __getitem__(self, index: int) -> DecoderLayer:
+        return self._modules[str(index)]
+
+    def __iter__(self) -> Iterator[DecoderLayer]:
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def indices(self) -> Tuple[int, ...]:
+        return tuple(int(k) for k in self._modules)
+
+
+OutputLoss = Callable[..., torch.Tensor]
+
+
+def fused_output_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, logit_scale: float,
+                      ignore_index: int, chunk_tokens: Optional[int]) -> torch.Tensor:
+    """The summed token loss of the LM head, one process: logits a chunk of tokens at a time, never
+    all at once, their gradients computed in the forward (megacpm.kernels.fused_linear_cross_entropy)."""
+    return kernels.fused_linear_cross_entropy(hidden, weight, labels, logit_scale=logit_scale,
+                                              ignore_index=ignore_index, reduction="sum",
+                                              chunk_tokens=chunk_tokens)
+
+
 class MiniCPM(nn.Module):
+    """The model, or a chunk of it: [embedding] -> a range of decoder layers -> [final norm, LM head].
+
+    ``MiniCPM(cfg)`` is the whole model; ``model.chunk(layer_ids, first, last)`` is a chunk sharing
+    the model's own modules (a pipeline stage), so one process is the one-chunk case and there is one
+    forward path: ``hidden`` (the chunk's output) and, on the last chunk, ``head_loss``.
+
+    Injected when the model is sharded (the model imports nothing from megacpm.parallel):
+    ``output_loss`` (the LM head's summed loss: the fused linear cross entropy here, its
+    vocab-parallel form under tensor parallelism), each Attention's ``attention_fn`` and
+    ``dropout_rng``, and ``sequence_shards`` (how many ranks share each sequence's hidden states
+    between layers: tp under sequence parallelism).
+    """
+
     def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False,
-                 loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS):
+                 loss_chunk_tokens: Optional[int] = DEFAULT_LOSS_CHUNK_TOKENS):
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.output_loss: OutputLoss = fused_output_loss
+        self.sequence_shards = 1
+        self.is_first = self.is_last = True
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = LayerStack({i: DecoderLayer(cfg) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
+
+    def chunk(self, layer_ids: Iterable[int], first: bool, last: bool) -> "MiniCPM":
+        """A chunk of this model holding its embedding (``first``), the given decoder layers and its
+        final norm and LM head (``last``): the same modules, not copies."""
+        part = MiniCPM.__new__(MiniCPM)
+        nn.Module.__init__(part)
+        for name in ("cfg", "activation_checkpointing", "loss_chunk_tokens", "output_loss", "sequence_shards"):
+            setattr(part, name, getattr(self, name))
+        part.is_first, part.is_last = first, last
+        part.embed_tokens = self.embed_tokens if first else None
+        part.layers = LayerStack({i: self.layers[i] for i in layer_ids})
+        part.norm = self.norm if last else None
+        part.lm_head = self.lm_head if last else None
+        part.rotary = self.rotary
+        return part
 
     def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
         """muP initialisation (see megacpm.model.mup), deterministic given ``generator``."""
@@ -134,43 +213,52 @@ class MiniCPM(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         """The LM-head weight [vocab, hidden]: the embedding when tied."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.lm_head is not None:
+            return self.lm_head.weight
+        if self.embed_tokens is None:
+            raise RuntimeError("this chunk has no LM head (a last pipeline stage of a tied model needs one)")
+        return self.embed_tokens.weight
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[batch, seq, hidden] final-normed hidden state, before muP's 1/m logit scale."""
-        h = self.embed_tokens(input_ids) * self.cfg.embedding_scale
-        cos, sin = self.rotary(input_ids.shape[1], input_ids.device)
+    # -- the forward path ------------------------------------------------------------------------
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The chunk's output: token ids [batch, seq] in on the first chunk (hidden states from the
+        previous chunk otherwise), hidden states out — final-normed on the last chunk, before muP's
+        1/m logit scale."""
+        if self.is_first:
+            h = self.embed_tokens(x) * self.cfg.embedding_scale
+            seq_len = x.shape[1]
+        else:
+            h = x
+            seq_len = h.shape[1] * self.sequence_shards
+        cos, sin = self.rotary(seq_len, h.device)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if recompute:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin)
-        return self.norm(h)
+            h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
+        return self.norm(h) if self.is_last else h
 
-    def _scaled_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # muP divides the final hidden state by m before the LM head; doing it here rather than on
-        # the logits costs hidden_size instead of vocab_size multiplies per token.
-        return self.hidden_states(input_ids) / self.cfg.width_mult
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  chunk_tokens: Optional[int] = None) -> torch.Tensor:
+        """Sum over tokens of the cross entropy (fp32) of the last chunk's normed hidden states
+        [batch, seq, hidden] against ``labels`` [batch, seq]: ``output_loss`` with muP's 1/m as its
+        logit scale (one fewer pass over the hidden states than dividing them), ``chunk_tokens``
+        tokens of logits at a time (default ``self.loss_chunk_tokens``, then the kernels' rule)."""
+        return self.output_loss(hidden.flatten(0, 1), self.output_weight, labels.reshape(-1),
+                                logit_scale=1.0 / self.cfg.width_mult, ignore_index=ignore_index,
+                                chunk_tokens=chunk_tokens or self.loss_chunk_tokens)
+
+    # -- the whole model -------------------------------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, seq, hidden] final-normed hidden state, before muP's 1/m logit scale."""
+        return self.hidden(input_ids)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """fp32 logits [batch, seq, vocab] = (h / m) @ W_out^T."""
-        return F.linear(self._scaled_hidden(input_ids), self.output_weight).float()
+        # muP divides the final hidden state by m before the LM head; doing it here rather than on
+        # the logits costs hidden_size instead of vocab_size multiplies per token.
+        return F.linear(self.hidden(input_ids) / self.cfg.width_mult, self.output_weight).float()
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
              chunk_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(sum of token cross entropies in fp32, number of labels != ignore_index as int64).
-
-        megacpm.kernels.fused_linear_cross_entropy with muP's 1/m as its logit scale (one fewer pass
-        over the hidden states than dividing them): the logits are computed ``chunk_tokens`` tokens
-        at a time (default ``self.loss_chunk_tokens``) and never saved; each chunk's gradients are
-        computed in the forward (Triton on CUDA, PyTorch on the CPU).
-        """
-        chunk_tokens = chunk_tokens or self.loss_chunk_tokens
-        hidden = self.hidden_states(input_ids).flatten(0, 1)
-        labels = labels.reshape(-1)
-        num_tokens = (labels != ignore_index).sum()
-        loss_sum = kernels.fused_linear_cross_entropy(hidden, self.output_weight, labels,
-                                              logit_scale=1.0 / self.cfg.width_mult, ignore_index=ignore_index,
-                                              reduction="sum", chunk_tokens=chunk_tokens)
-        return loss_sum, num_tokens
+        """(sum of token cross entropies in fp32, number of labels != ignore_index as int64)."""
+        loss_sum = self.head_loss(self.hidden(input_ids), labels, ignore_index, chunk_tokens)
+        return loss_sum, (labels != ignore_index).sum()

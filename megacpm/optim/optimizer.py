@@ -6,12 +6,13 @@ global LR of the schedule sets them all (``set_lr``).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Mapping, Union
 
 import torch
 from torch import nn
 
 from megacpm.config import ModelConfig, OptimConfig
+from megacpm.parallel.param_spec import has_param_spec, param_spec
 
 EMBEDDING = "embed_tokens.weight"
 
@@ -21,20 +22,33 @@ def _is_embedding(name: str) -> bool:
     return name == EMBEDDING or name.endswith("." + EMBEDDING)
 
 
-def param_groups(model: nn.Module, model_cfg: ModelConfig, optim_cfg: OptimConfig) -> List[Dict]:
-    """The "matrix" (lr / m), "embedding" (lr) and "vector" (lr, no weight decay) groups; empty
-    groups are omitted and every parameter appears once."""
+def _named(model: Union[nn.Module, Mapping[str, nn.Parameter]]):
+    if isinstance(model, Mapping):
+        return list(model.items())
     # The embedding is known by identity, whatever alias of a tied parameter comes first.
-    # A pipeline's last stage holds a copy of a tied embedding (flagged shared_embedding): the
-    # same rules apply to it.
-    embedding_ids = {id(p) for name, p in model.named_parameters(remove_duplicate=False)
-                     if _is_embedding(name) or getattr(p, "shared_embedding", False)}
+    return list(model.named_parameters(remove_duplicate=False))
+
+
+def param_groups(model: Union[nn.Module, Mapping[str, nn.Parameter]], model_cfg: ModelConfig,
+                 optim_cfg: OptimConfig) -> List[Dict]:
+    """The "matrix" (lr / m), "embedding" (lr) and "vector" (lr, no weight decay) groups of a
+    module or of {name: parameter}; empty groups are omitted and every parameter appears once.
+
+    A pipeline's last stage holds a copy of a tied embedding (its ParamSpec's copy_of): the
+    embedding's rules apply to it."""
+    named = _named(model)
+    embedding_ids = {id(p) for name, p in named
+                     if _is_embedding(name) or (has_param_spec(p) and param_spec(p).copy_of == EMBEDDING)}
     groups: Dict[str, Dict] = {
         "matrix": {"params": [], "lr_scale": 1.0 / model_cfg.width_mult, "weight_decay": optim_cfg.weight_decay},
         "embedding": {"params": [], "lr_scale": 1.0, "weight_decay": optim_cfg.weight_decay},
         "vector": {"params": [], "lr_scale": 1.0, "weight_decay": 0.0},
     }
-    for param in model.parameters():  # yields a tied parameter once
+    seen = set()
+    for _, param in named:
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
         if param.ndim < 2:
             group = "vector"  # RMSNorm gains
         elif id(param) in embedding_ids and not model_cfg.mup_embedding_as_matrix:

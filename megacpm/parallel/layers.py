@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megacpm.parallel.param_spec import ParamSpec, param_spec, set_param_spec
 from megacpm.parallel.mappings import (
     Group,
     copy_to_tp,
@@ -53,16 +54,19 @@ def padded_size(rows: int, size: int) -> int:
     return -(-rows // size) * size
 
 
-def _mark_padded_rows(weight: nn.Parameter, global_rows: int, group: Group) -> None:
-    """Record which leading rows of a padded vocabulary shard are real (the rest are padding)."""
-    per_rank = weight.shape[0]
-    weight.tp_global_rows = global_rows
-    weight.tp_valid_rows = max(0, min(per_rank, global_rows - _rank(group) * per_rank))
+def _tp_spec(weight: nn.Parameter, dim: int, global_rows: int, group: Group) -> None:
+    """Declare the split of a TP layer's weight: along ``dim``, and, when the rows of dim 0 are
+    padded (a vocabulary the group size does not divide), which leading rows are real."""
+    padded = None
+    if dim == 0 and global_rows % group_size(group):
+        per_rank = weight.shape[0]
+        padded = (global_rows, max(0, min(per_rank, global_rows - _rank(group) * per_rank)))
+    set_param_spec(weight, ParamSpec(shard_dims={"tp": dim}, padded_rows=padded))
 
 
 class _FromFull(nn.Module):
     """``from_full``: build the layer for a full weight and keep this rank's shard of it, cut along
-    the dimension the layer records on its weight (``tp_shard_dim``)."""
+    the dimension its ParamSpec declares."""
 
     FULL_SHAPE_IS_OUT_IN = True  # linear weights are [out, in]; constructors take (in, out)
 
@@ -71,9 +75,9 @@ class _FromFull(nn.Module):
         rows, cols = full_weight.shape
         dims = (cols, rows) if cls.FULL_SHAPE_IS_OUT_IN else (rows, cols)
         layer = cls(*dims, group, dtype=full_weight.dtype, **kwargs)
-        padded = hasattr(layer.weight, "tp_global_rows")
+        spec = param_spec(layer.weight)
         with torch.no_grad():
-            layer.weight.copy_(shard(full_weight, layer.weight.tp_shard_dim, group, pad=padded))
+            layer.weight.copy_(shard(full_weight, spec.shard_dim("tp"), group, pad=spec.padded_rows is not None))
         return layer
 
 
@@ -92,10 +96,7 @@ class ColumnParallelLinear(_FromFull):
         # that feeds several column layers (q, k, v; gate, up), so one collective serves them all.
         self.input_ready = input_ready
         self.weight = nn.Parameter(torch.empty(padded_size(out_features, size) // size, in_features, dtype=dtype))
-        self.weight.tp_shard_dim = 0
-        if out_features % size:  # an LM head over a vocabulary tp does not divide
-            _mark_padded_rows(self.weight, out_features, group)
-
+        _tp_spec(self.weight, 0, out_features, group)  # padded: an LM head over a vocabulary tp does not divide
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_ready:
@@ -115,8 +116,7 @@ class RowParallelLinear(_FromFull):
             raise ValueError(f"input features {in_features} do not divide over {size} tensor-parallel ranks")
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // size, dtype=dtype))
-        self.weight.tp_shard_dim = 1
-
+        _tp_spec(self.weight, 1, out_features, group)
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x_shard, self.weight)
@@ -138,10 +138,7 @@ class VocabParallelEmbedding(_FromFull):
         self.group, self.sequence_parallel = group, sequence_parallel
         self.vocab_start = _rank(group) * per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, dim, dtype=dtype))
-        self.weight.tp_shard_dim = 0
-        if vocab_size % size:
-            _mark_padded_rows(self.weight, vocab_size, group)
-
+        _tp_spec(self.weight, 0, vocab_size, group)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         local = input_ids - self.vocab_start

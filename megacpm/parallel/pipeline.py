@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megacpm.parallel.pipeline_schedule import build_schedule
 
@@ -83,7 +82,7 @@ def _backward_through(output: torch.Tensor, grad: torch.Tensor) -> None:
     torch.autograd.Variable._execution_engine.run_backward((output,), (grad,), False, False, (), True, True)
 
 
-def run_pipeline(chunks: Sequence[nn.Module], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
+def run_pipeline(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
                  loss_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Optional[torch.Tensor]:
     """Forward and backward of every micro-batch through this rank's chunks, in schedule order.
 
@@ -141,7 +140,7 @@ def run_pipeline(chunks: Sequence[nn.Module], spec: PipelineSpec, micro_batches:
 
 
 @torch.no_grad()
-def run_forward_only(chunks: Sequence[nn.Module], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
+def run_forward_only(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
                      loss_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Optional[torch.Tensor]:
     """Evaluation: every micro-batch through every virtual stage, no backward.
 

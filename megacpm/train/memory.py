@@ -2,16 +2,21 @@
 
 Counted: the weights (bf16 or fp32), the fp32 gradient buffer, the optimizer's fp32 master weights
 and two moments (12 bytes per parameter, divided by dp under ZeRO-1), the activations kept for the
-backward of the schedule's in-flight micro-batches, and the chunked loss's logits. Not
-counted: allocator fragmentation, the CUDA context, communication buffers. It is an estimate to
-choose a layout with, not a promise.
+backward of the schedule's in-flight micro-batches, and the loss head: the workspace of the path
+the model trains through (megacpm.kernels.fused_linear_cross_entropy_workspace_bytes: one chunk of
+logits, the fp32 weight-gradient accumulator, the hidden gradient), whatever the tensor-parallel
+size. Not counted: allocator fragmentation, the CUDA context, communication buffers. It is an
+estimate to choose a layout with, not a promise.
 """
 from __future__ import annotations
 
 from typing import Dict
 
+import torch
+
 from megacpm.config import Config
-from megacpm.model.minicpm import DEFAULT_LOSS_CHUNK_TOKENS
+from megacpm.kernels import fused_linear_cross_entropy_workspace_bytes
+from megacpm.parallel.layout import ParallelLayout
 
 GRAD_BYTES = 4  # the fp32 gradient buffer
 OPTIMIZER_BYTES = 12  # fp32 master weights + AdamW's two fp32 moments
@@ -50,14 +55,25 @@ def peak_in_flight_chunks(pp: int, vpp: int, micro_batches: int) -> int:
     return peak
 
 
+def loss_head_bytes(cfg: Config, device_type: str) -> int:
+    """The LM head's workspace on one rank for one micro-batch: its share of the vocabulary
+    (ceil(vocab / tp) rows, padding included) over micro_batch_size * seq_len tokens (the whole
+    sequence: sequence parallelism gathers it before the head), in the dtype the run trains in."""
+    m, t, tp = cfg.model, cfg.train, cfg.parallel.tp
+    dtype = torch.bfloat16 if t.uses_bf16(device_type) else torch.float32
+    local_vocab = -(-m.vocab_size // tp)
+    return fused_linear_cross_entropy_workspace_bytes(
+        t.micro_batch_size * t.seq_len, m.hidden_size, local_vocab, compute_dtype=dtype, hidden_dtype=dtype,
+        weight_dtype=dtype, triton_path=device_type == "cuda", tensor_parallel=tp > 1)
+
+
 def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "cuda",
                              world_size: int = 1) -> Dict[str, int]:
     """Bytes per rank for the configured layout (tp, pp, vpp, dp, sp, zero1)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    dp = max(1, world_size // (p.tp * p.pp))
+    dp = max(1, ParallelLayout.from_config(p, world_size).dp)
     params_per_rank = num_params // (p.tp * p.pp)
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and device_type == "cuda")
-    act_bytes = 2 if bf16 else 4
+    act_bytes = 2 if t.uses_bf16(device_type) else 4
     tokens = t.micro_batch_size * t.seq_len
     micro_batches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
     layers_per_chunk = m.num_hidden_layers // (p.pp * p.vpp)
@@ -69,14 +85,12 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
         activations = chunks * layers_per_chunk * layer_input + per_layer
     else:
         activations = chunks * layers_per_chunk * per_layer
-    # The chunked loss holds one chunk's fp32 logits (this rank's vocabulary slice) and their gradient.
-    loss_chunk = 2 * min(tokens, DEFAULT_LOSS_CHUNK_TOKENS) * -(-m.vocab_size // p.tp) * 4
     estimate = {
         "weights": params_per_rank * act_bytes,
         "grads": params_per_rank * GRAD_BYTES,
         "optimizer": int(params_per_rank * OPTIMIZER_BYTES / (dp if p.zero1 else 1)),
         "activations": int(activations),
-        "loss_chunk": loss_chunk,
+        "loss_head": loss_head_bytes(cfg, device_type),
     }
     estimate["total"] = sum(estimate.values())
     return estimate

@@ -1,4 +1,4 @@
-"""The training loop around megacpm.train.parallel_step.ParallelStep (one optimizer step under any
+"""The training loop around megacpm.train.train_module.TrainModule (one optimizer step under any
 tensor / sequence / pipeline / data-parallel layout; a single process is the layout of one): the LR
 schedule, resuming, and the steps; everything else around a step (logs, evaluation, checkpoints,
 stopping, profiling) is a callback of megacpm.train.callbacks, called by ``Trainer.run``.
@@ -27,14 +27,14 @@ from megacpm.checkpoint import (PendingSave, TrainerState, latest_checkpoint, lo
 from megacpm.io.atomic import write_text_atomic
 from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, TENSORBOARD_DIR
 from megacpm.config import Config, dump_yaml
-from megacpm.data import DataBundle, DataError, build_datasets, data_signature, get_batch
+from megacpm.data import Batch, DataBundle, DataError, build_datasets, data_signature, get_batch
 from megacpm.optim import LRSchedule
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.callbacks import (Callback, CallbackList, Checkpointing, CommStats, Console, Evaluation,
                                      GpuMonitor, MetricsFile, Profiler, StepRecords, TensorBoard, WandB)
 from megacpm.train.callbacks.checkpointing import StopRequest  # noqa: F401  (its home was this module)
 from megacpm.train.device import param_dtype, resolve_device
-from megacpm.train.parallel_step import IGNORE_INDEX, ParallelStep
+from megacpm.train.train_module import TrainModule
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,14 +51,13 @@ class RunResult:
 
 
 class Trainer:
-    # Set by a callback (the checkpointing one after a stop's save) to leave after the current step.
-    should_stop: bool = False
-    last_eval_loss: Optional[float] = None  # the latest evaluation of this run (the Evaluation callback)
-    callbacks: CallbackList = CallbackList()  # empty until run() builds this run's
-    _extra_callbacks: Tuple[Callback, ...] = ()
-
     def __init__(self, cfg: Config, print_fn: Callable[[str], None] = print,
                  ctx: Optional[ParallelContext] = None):
+        # Set by a callback (the checkpointing one after a stop's save) to leave after the current step.
+        self.should_stop = False
+        self.last_eval_loss: Optional[float] = None  # the latest evaluation (the Evaluation callback)
+        self.callbacks = CallbackList()  # empty until run() builds this run's
+        self._extra_callbacks: Tuple[Callback, ...] = ()
         self.cfg = cfg
         self.print = print_fn
         self.run_dir = Path(cfg.run.dir)
@@ -75,8 +74,8 @@ class Trainer:
         self.data = self._build_data()
         # Every rank builds the full model from the same seed, then keeps its shard: a parallel run
         # starts from exactly the single-process weights.
-        self.step_fn = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(t.seed),
-                                    param_dtype=self.param_dtype)
+        self.module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(t.seed),
+                                  param_dtype=self.param_dtype)
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, t.steps)
         self.state = TrainerState()
         self.pending: Optional[PendingSave] = None  # a checkpoint being written in the background
@@ -105,11 +104,13 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------
     def train_step(self, step: int) -> Dict[str, float]:
-        """One optimizer step on the next global batch. Returns loss, grad norm and LR (global)."""
+        """One optimizer step on the next global batch. Returns the step's metrics: loss, grad norm,
+        LR and the objective's own (global, the same on every rank)."""
         t = self.cfg.train
-        samples = self.next_batch()
+        batch = self.next_batch()
         lr = self.schedule(step)
-        loss, grad_norm = self.step_fn.step(samples, lr)
+        metrics = self.module.step(batch, lr)
+        loss, grad_norm = metrics["loss"], metrics["grad_norm"]
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = latest_checkpoint(self.run_dir)
             raise TrainingDiverged(
@@ -120,28 +121,28 @@ class Trainer:
         self.state.step = step
         self.state.optimizer_steps += 1
         self.state.consumed_samples += t.global_batch_size
-        self.state.tokens += int((samples[:, 1:] != IGNORE_INDEX).sum())
-        return {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        self.state.tokens += batch.num_loss_tokens()
+        return {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                **{k: v for k, v in metrics.items() if k not in ("loss", "grad_norm")}}
 
-    def next_batch(self):
+    def next_batch(self) -> Batch:
         """The global batch of the coming step: the current data config's stream at its position."""
         position = self.state.consumed_samples - self.state.data_start
-        return get_batch(self.data.train, position, self.cfg.train.global_batch_size)
+        return Batch.from_tokens(get_batch(self.data.train, position, self.cfg.train.global_batch_size))
 
-    def evaluate(self) -> float:
-        """Mean token loss on the first eval_batches * micro_batch_size validation samples (the same
-        samples, and so the same value, under every layout)."""
+    def evaluate(self) -> Dict[str, float]:
+        """The objective's metrics, as eval_<name>, on the first eval_batches * micro_batch_size
+        validation samples (the same samples, and so the same values, under every layout)."""
         t = self.cfg.train
-        samples = get_batch(self.data.valid, 0, t.eval_batches * t.micro_batch_size)
-        total, count = self.step_fn.evaluate(samples)
-        return total / max(count, 1)
+        batch = Batch.from_tokens(get_batch(self.data.valid, 0, t.eval_batches * t.micro_batch_size))
+        return {f"eval_{name}": value for name, value in self.module.evaluate(batch).items()}
 
     # -- the run --------------------------------------------------------------------------------
     def _resume(self) -> None:
         checkpoint = latest_checkpoint(self.run_dir)
         signature = data_signature(self.cfg.data)
         if checkpoint is not None:
-            self.state = load_checkpoint(checkpoint, self.cfg, self.step_fn)
+            self.state = load_checkpoint(checkpoint, self.cfg, self.module)
             self._message(f"resumed from {checkpoint} (step {self.state.step})")
             if self.state.data_signature and self.state.data_signature != signature:
                 self.state.data_start = self.state.consumed_samples
@@ -153,9 +154,9 @@ class Trainer:
         """Checkpoint the current step (after publishing any save still in flight)."""
         self._finish_pending()
         if background:
-            self.pending = save_checkpoint_async(self.run_dir, self.cfg, self.step_fn, self.state)
+            self.pending = save_checkpoint_async(self.run_dir, self.cfg, self.module, self.state)
             return self.pending.path
-        return save_checkpoint(self.run_dir, self.cfg, self.step_fn, self.state)
+        return save_checkpoint(self.run_dir, self.cfg, self.module, self.state)
 
     def _finish_pending(self) -> None:
         if self.pending is not None:

@@ -8,7 +8,7 @@ import torch
 from megacpm.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,
                                 save_checkpoint_async)
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
 from tests.support import run_cli
 from tests.tiny_run import LR, global_batches, make_config
@@ -20,19 +20,19 @@ pytestmark = pytest.mark.slow
 def _save_while_training(parallel, run_dir):
     cfg = make_config(**parallel)
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=120)
-    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
     batches = global_batches(4)
     for batch in batches[:2]:
         step.step(batch, LR)
-    at_save = {name: state["master"].clone() for name, state in step.optimizer_state().items()}
+    at_save = {name: state["master"].clone() for name, state in step.optimizer.state_by_name().items()}
     pending = save_checkpoint_async(run_dir, cfg, step, TrainerState(step=2, optimizer_steps=2))
     for batch in batches[2:]:  # training goes on while the files are written
         step.step(batch, LR)
     assert latest_checkpoint(run_dir) is None  # not published before finish()
     pending.finish()
-    fresh = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(1))
+    fresh = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(1))
     load_checkpoint(latest_checkpoint(run_dir), cfg, fresh)
-    loaded = {name: state["master"] for name, state in fresh.optimizer_state().items()}
+    loaded = {name: state["master"] for name, state in fresh.optimizer.state_by_name().items()}
     return all(torch.equal(loaded[name], at_save[name]) for name in at_save), fresh.optimizer_steps
 
 

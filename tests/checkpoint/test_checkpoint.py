@@ -9,14 +9,14 @@ from megacpm.checkpoint import (CheckpointError, TrainerState, latest_checkpoint
                                 load_checkpoint, save_checkpoint)
 from megacpm.io.atomic import atomic_directory, write_text_atomic
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.tiny_run import LR, global_batches, make_config
 
 
 def trained(seed, steps=2, dtype=torch.float32):
     """A tiny model after ``steps`` optimizer steps in one process (the trainer's own step)."""
     cfg = make_config()
-    step = ParallelStep(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(seed), param_dtype=dtype)
+    step = TrainModule(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(seed), param_dtype=dtype)
     for samples in global_batches(steps):
         step.step(samples, LR)
     return cfg, step
@@ -34,11 +34,11 @@ def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     state = load_checkpoint(latest_checkpoint(tmp_path), cfg, other)
     assert state == TrainerState(step=2, optimizer_steps=2, consumed_samples=48, tokens=999)
     assert other.optimizer_steps == 2
-    mine, theirs = step.named_parameters(), other.named_parameters()
+    mine, theirs = step.model.params_by_name(), other.model.params_by_name()
     assert mine.keys() == theirs.keys()
     for name in mine:
         assert torch.equal(mine[name], theirs[name]), name
-    moments, loaded = step.optimizer_state(), other.optimizer_state()
+    moments, loaded = step.optimizer.state_by_name(), other.optimizer.state_by_name()
     for name in mine:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(moments[name][key], loaded[name][key]), (name, key)
@@ -53,12 +53,12 @@ def test_bf16_run_saves_its_fp32_masters_and_resumes_exactly(tmp_path):
     save_checkpoint(tmp_path, cfg, step, TrainerState(step=3, optimizer_steps=3))
     _, other = trained(1, steps=0, dtype=torch.bfloat16)
     load_checkpoint(latest_checkpoint(tmp_path), cfg, other)
-    saved, loaded = step.optimizer_state(), other.optimizer_state()
-    for name, param in step.named_parameters().items():
+    saved, loaded = step.optimizer.state_by_name(), other.optimizer.state_by_name()
+    for name, param in step.model.params_by_name().items():
         assert param.dtype == torch.bfloat16
         for key in ("master", "exp_avg", "exp_avg_sq"):
             assert saved[name][key].dtype == torch.float32 and torch.equal(saved[name][key], loaded[name][key])
-        assert torch.equal(param, other.named_parameters()[name])
+        assert torch.equal(param, other.model.params_by_name()[name])
     batch = global_batches(4)[3]
     assert other.step(batch, LR) == step.step(batch, LR)
 

@@ -27,7 +27,7 @@ from megacpm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpo
 from megacpm.io.atomic import TMP_PREFIX
 from megacpm.config import load_config
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.support import start_cli
 from tests.train.test_training_run import SMALL, eval_losses, losses, train
 
@@ -95,7 +95,7 @@ def assert_latest_loads(run_dir):
         str(p.relative_to(path)) for p in path.rglob("*"))
     assert latest_checkpoint(run_dir) == path
     cfg = load_config(str(run_dir))
-    step = ParallelStep(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(1))
+    step = TrainModule(cfg, ParallelContext.single(), generator=torch.Generator().manual_seed(1))
     rng = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     try:  # load_checkpoint restores the run's RNG states into this process: put ours back after
         state = load_checkpoint(path, cfg, step)

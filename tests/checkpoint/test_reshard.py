@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from megacpm.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from megacpm.model import MiniCPM
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
 from tests.tiny_run import LR, VOCAB, global_batches, make_config, reference_run
 
@@ -24,13 +24,14 @@ def _train_segment(parallel, run_dir, first, last, vocab=VOCAB):
     then save. Returns [(loss, grad_norm)] of those steps."""
     cfg = make_config(vocab, **parallel)
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, timeout_s=120)
-    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0 if first == 1 else 99))
+    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0 if first == 1 else 99))
     state = TrainerState()
     if first > 1:
         state = load_checkpoint(latest_checkpoint(run_dir), cfg, step)
         assert state.step == first - 1
     batches = global_batches(STEPS, vocab)
     results = [step.step(batches[i - 1], LR) for i in range(first, last + 1)]
+    results = [(r["loss"], r["grad_norm"]) for r in results]
     save_checkpoint(run_dir, cfg, step, TrainerState(step=last, optimizer_steps=last))
     return results
 

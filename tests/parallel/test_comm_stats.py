@@ -11,8 +11,8 @@ import torch
 
 from megacpm.parallel.comm_stats import CommAccounting
 from megacpm.parallel.context import ParallelContext
-from megacpm.parallel.model import build_stages
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.parallel.sharded_model import ShardedModel
+from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
 from tests.tiny_run import GLOBAL_BATCH, LR, MICRO_BATCH, SEQ, global_batches, make_config
 
@@ -25,10 +25,10 @@ def _layer_traffic(layers, sp, backward):
     cfg = make_config(tp=2, sp=sp)
     cfg.model.num_hidden_layers = layers
     ctx = ParallelContext.initialize(tp=2)
-    (stage,) = build_stages(cfg.model, ctx, sequence_parallel=sp, generator=torch.Generator().manual_seed(0))
-    tokens = global_batches(1)[0][:MICRO_BATCH]
+    stage = ShardedModel(cfg.model, ctx, sequence_parallel=sp, generator=torch.Generator().manual_seed(0)).last_chunk
+    tokens = global_batches(1)[0].rows(0, MICRO_BATCH)
     with CommAccounting(ctx) as comm:
-        loss, _ = stage.loss(stage(tokens[:, :-1]), tokens[:, 1:])
+        loss = stage.head_loss(stage.hidden(tokens.input_ids), tokens.labels)
         if backward:
             loss.backward()
     return comm.summary()
@@ -62,10 +62,10 @@ def test_sequence_parallel_replaces_all_reduces_by_gather_and_scatter():
 def _step_traffic(parallel):
     cfg = make_config(**parallel)
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
     with CommAccounting(ctx) as comm:
         step.step(global_batches(1)[0], LR)
-    return comm.summary(), step.grad_buffer.buffer.numel() * 4
+    return comm.summary(), step.optimizer.buffers["dp"].buffer.numel() * 4
 
 
 def test_data_parallel_reduces_the_gradient_buffer_once_per_step():

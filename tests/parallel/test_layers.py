@@ -80,6 +80,7 @@ def test_uneven_shapes_are_refused(monkeypatch):
 
 def test_a_vocabulary_is_padded_to_ceil_rows_per_rank(monkeypatch):
     from megacpm.parallel import layers
+    from megacpm.parallel.param_spec import param_spec
 
     monkeypatch.setattr(layers, "group_size", lambda group: 2)
     full = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
@@ -88,7 +89,7 @@ def test_a_vocabulary_is_padded_to_ceil_rows_per_rank(monkeypatch):
         embedding = layers.VocabParallelEmbedding.from_full(full, None)
         head = layers.ColumnParallelLinear.from_full(full, None, pad_outputs=True)
         for weight in (embedding.weight, head.weight):
-            assert weight.shape == (4, 3) and weight.tp_valid_rows == valid and weight.tp_global_rows == 7
+            assert weight.shape == (4, 3) and param_spec(weight).padded_rows == (7, valid)
             assert torch.equal(weight[:valid], full[rank * 4:rank * 4 + valid])
             assert not weight[valid:].any()  # the padding rows are zeros
         assert embedding.vocab_start == rank * 4

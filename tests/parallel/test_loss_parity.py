@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
 from tests.tiny_run import LR, global_batches, make_config, reference_run
 
@@ -18,9 +18,9 @@ STEPS = 4
 def _parallel_losses(parallel):
     cfg = make_config(**parallel)
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, timeout_s=120)
-    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0))
-    results = [step.step(samples, LR) for samples in global_batches(STEPS)]
-    return [loss for loss, _ in results], [norm for _, norm in results]
+    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    results = [step.step(batch, LR) for batch in global_batches(STEPS)]
+    return [r["loss"] for r in results], [r["grad_norm"] for r in results]
 
 
 LAYOUTS = [
@@ -62,9 +62,9 @@ ODD_VOCAB = 61  # prime, like MiniCPM-2.4B's 122753: tp pads it to ceil(61 / tp)
 def _odd_vocab_losses(parallel):
     cfg = make_config(ODD_VOCAB, **parallel)
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=120)
-    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0))
-    results = [step.step(samples, LR) for samples in global_batches(STEPS, ODD_VOCAB)]
-    return [loss for loss, _ in results], [norm for _, norm in results]
+    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    results = [step.step(batch, LR) for batch in global_batches(STEPS, ODD_VOCAB)]
+    return [r["loss"] for r in results], [r["grad_norm"] for r in results]
 
 
 @pytest.mark.parametrize("world, parallel", [(4, dict(tp=4)), (4, dict(tp=2, pp=2))], ids=["tp4", "tp2-pp2-tied"])

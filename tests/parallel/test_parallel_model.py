@@ -6,7 +6,8 @@ import torch.distributed as dist
 from megacpm.config import ModelConfig
 from megacpm.model import MiniCPM
 from megacpm.parallel.context import ParallelContext
-from megacpm.parallel.model import build_stages
+from megacpm.parallel.param_spec import param_spec
+from megacpm.parallel.sharded_model import ShardedModel
 from tests.distributed import run_distributed
 
 BATCH, SEQ = 2, 8
@@ -33,10 +34,10 @@ def reference(kv_heads):
 
 def _tp_forward_backward(kv_heads, sequence_parallel):
     ctx = ParallelContext.initialize(tp=2, timeout_s=60)
-    (stage,) = build_stages(model_cfg(kv_heads), ctx, sequence_parallel=sequence_parallel,
-                            generator=torch.Generator().manual_seed(0))
+    (stage,) = ShardedModel(model_cfg(kv_heads), ctx, sequence_parallel=sequence_parallel,
+                            generator=torch.Generator().manual_seed(0)).chunks
     ids, upstream = batch()
-    h = stage(ids)
+    h = stage.hidden(ids)
     # The final norm enters the TP region for the LM head, whose backward sums the ranks' partial
     # input gradients; this replicated stand-in for the head must therefore contribute 1/tp each.
     (h * upstream / 2).sum().backward()
@@ -44,9 +45,9 @@ def _tp_forward_backward(kv_heads, sequence_parallel):
     grads = {}
     for name, p in stage.named_parameters():
         grad = p.grad.clone()
-        if getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False):
+        if "tp" in param_spec(p).partial_over:
             dist.all_reduce(grad, group=tp_group)  # what the trainer does for partial gradients
-        grads[name] = (grad, getattr(p, "tp_shard_dim", None))
+        grads[name] = (grad, param_spec(p).shard_dim("tp"))
     return h.detach(), grads
 
 

@@ -1,12 +1,14 @@
 """The tensor-parallel RNG: independent streams per TP rank inside, the shared stream kept in step
 outside, and recomputation (activation checkpointing) replays the same dropout masks."""
+import functools
+
 import torch
 
 from megacpm.config import ModelConfig
 from megacpm.model import MiniCPM
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.random import tensor_parallel_rng
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
 from tests.tiny_run import LR, global_batches, make_config
 
@@ -34,7 +36,7 @@ def gradients(checkpointing, seed=7):
     model = MiniCPM(cfg, activation_checkpointing=checkpointing)
     model.init_weights(torch.Generator().manual_seed(0))
     for layer in model.layers:
-        layer.self_attn.tp_rank = 1  # as in a tensor-parallel region
+        layer.self_attn.dropout_rng = functools.partial(tensor_parallel_rng, 1)  # as in a tensor-parallel region
     model.train()
     torch.manual_seed(seed)
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -56,9 +58,9 @@ def _train_with_dropout():
     cfg = make_config(tp=2)
     cfg.model.attention_dropout = 0.2
     ctx = ParallelContext.initialize(tp=2, timeout_s=120)
-    step = ParallelStep(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(11)
-    losses = [step.step(batch, LR)[0] for batch in global_batches(2)]
+    losses = [step.step(batch, LR)["loss"] for batch in global_batches(2)]
     with tensor_parallel_rng(ctx.tp_rank, CPU):
         own = torch.rand(3)
     return losses, own, torch.rand(3)

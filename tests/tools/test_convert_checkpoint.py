@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 import megacpm
 from megacpm.checkpoint import latest_checkpoint, load_checkpoint
 from megacpm.config import ModelConfig, load_config
+from megacpm.data.batch import Batch
 from megacpm.model import MiniCPM
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.parallel_step import ParallelStep
+from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
@@ -109,10 +110,9 @@ def test_llama_format_gives_transformers_the_same_logits(tmp_path, tied):
 
 def _tp2_eval_loss(run_dir, samples):
     cfg = load_config(str(run_dir), ["--parallel.tp=2", "--train.micro_batch_size=2"])
-    step = ParallelStep(cfg, ParallelContext.initialize(tp=2), generator=torch.Generator().manual_seed(5))
+    step = TrainModule(cfg, ParallelContext.initialize(tp=2), generator=torch.Generator().manual_seed(5))
     state = load_checkpoint(latest_checkpoint(run_dir), cfg, step)
-    total, count = step.evaluate(samples)
-    return state.step, step.optimizer_steps, total / count
+    return state.step, step.optimizer_steps, step.evaluate(Batch.from_tokens(samples))["loss"]
 
 
 def test_converted_checkpoint_loads_under_tensor_parallelism(tmp_path):

@@ -10,11 +10,12 @@ def is_eval_step(trainer, step: int) -> bool:
 
 
 class Evaluation(Callback):
-    """Runs ``trainer.evaluate()`` (collective: on every rank) after the steps due, keeps the value in
-    ``trainer.last_eval_loss`` and passes ``{"eval_loss": ...}`` on to on_evaluate. Nothing when
-    train.eval_batches is 0."""
+    """Runs ``trainer.evaluate()`` (collective: on every rank) after the steps due, keeps its
+    eval_loss in ``trainer.last_eval_loss`` and passes the objective's eval metrics
+    (``{"eval_loss": ...}`` and any others) on to on_evaluate. Nothing when train.eval_batches is 0."""
 
     def on_step_end(self, trainer, step, metrics) -> None:
         if is_eval_step(trainer, step):
-            trainer.last_eval_loss = trainer.evaluate()
-            trainer.callbacks.on_evaluate(trainer, step, {"eval_loss": trainer.last_eval_loss})
+            eval_metrics = trainer.evaluate()
+            trainer.last_eval_loss = eval_metrics["eval_loss"]
+            trainer.callbacks.on_evaluate(trainer, step, eval_metrics)

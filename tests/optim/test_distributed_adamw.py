@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from megacpm.parallel.context import ParallelContext
-from megacpm.parallel.grad_buffer import GradBuffer
-from megacpm.parallel.zero import DistributedAdamW
+from megacpm.optim.grad_buffer import GradBuffer
+from megacpm.optim.distributed_adamw import DistributedAdamW
 from tests.distributed import run_distributed
 
 BATCH, STEPS, LR = 8, 3, 0.05

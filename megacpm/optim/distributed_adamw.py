@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megacpm.parallel.grad_buffer import GradBuffer
+from megacpm.optim.grad_buffer import GradBuffer
 from megacpm.parallel.mappings import group_size
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from megacpm.parallel.context import ParallelContext
-from megacpm.parallel.grad_buffer import GradBuffer
+from megacpm.optim.grad_buffer import GradBuffer
 from tests.distributed import run_distributed
 
 GLOBAL_BATCH, MICRO = 8, 2

@@ -1,0 +1,48 @@
+"""The Objective contract: what a training step minimises, and what it reports.
+
+An objective turns the last pipeline chunk's hidden states of one micro-batch into a summed loss
+and a few summed statistics; the train module divides that loss by the objective's normaliser of
+the whole global batch (the same number on every rank) before back-propagating. So whatever the
+layout — micro-batches, data-parallel replicas, pipeline stages, tensor-parallel ranks — the sum of
+the gradients is the gradient of one function: sum of losses / global normaliser (TRL's
+num_items_in_batch), not a mean of per-rank means. That is why the gradient buffers sum over
+replicas instead of averaging (megacpm.optim.sharded_optimizer).
+
+Statistics are sums, so they reduce exactly: the train module sums them over micro-batches and
+ranks (each value is held by the last stage's tensor-parallel ranks, identically) and hands the
+totals to ``metrics``, whose keys reach every metrics sink ("loss" is required).
+
+A new objective (SFT, DPO) is a subclass in megacpm/objectives/ registered in OBJECTIVES
+(megacpm/objectives/__init__.py) under its ``objective.kind``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from megacpm.data.batch import Batch
+from megacpm.model import MiniCPM
+
+Stats = Dict[str, torch.Tensor]
+
+
+class Objective:
+    """Subclasses implement ``normaliser``, ``loss`` and ``metrics``."""
+
+    kind = "base"
+    stat_names: Tuple[str, ...] = ()  # the keys of the statistics ``loss`` returns, in a fixed order
+
+    def normaliser(self, batch: Batch) -> float:
+        """The positive divisor of the step's summed loss, from the global batch."""
+        raise NotImplementedError
+
+    def loss(self, chunk: MiniCPM, hidden: torch.Tensor, micro: Batch) -> Tuple[torch.Tensor, Stats]:
+        """(summed loss of the micro-batch as a differentiable scalar, {name: summed statistic as a
+        detached scalar} for every name of ``stat_names``) from the last chunk and its output
+        ``hidden`` [micro, seq, hidden]."""
+        raise NotImplementedError
+
+    def metrics(self, stats: Dict[str, float], normaliser: float) -> Dict[str, float]:
+        """The step's metrics from the global sums of the statistics; must include "loss"."""
+        raise NotImplementedError

@@ -1,0 +1,140 @@
+"""One training step under any layout: the sharded model, the optimizer side and the objective,
+composed.
+
+    module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(seed))
+    metrics = module.step(batch, lr)   # {"loss": ..., "grad_norm": ..., objective metrics}
+
+Global correctness, whatever the layout:
+- every rank reads the same global batch (token ids are cheap) and takes its share
+  (megacpm.data.batch.shard_batch), so the sample order does not depend on the layout;
+- the objective's normaliser comes from the global batch, and each micro-batch back-propagates
+  its summed loss divided by it (megacpm.objectives.base);
+- partial gradients are completed and the norm counts every parameter once, as its ParamSpec
+  declares (megacpm.optim.sharded_optimizer);
+- the objective's statistics are summed over micro-batches and ranks before its metrics are
+  taken, so every rank reports (and decides on) the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from megacpm.config import Config
+from megacpm.data.batch import Batch, shard_batch
+from megacpm.objectives import Objective, build_objective
+from megacpm.optim.sharded_optimizer import ShardedOptimizer
+from megacpm.parallel.context import ParallelContext
+from megacpm.parallel.sharded_model import ShardedModel
+
+# Axes over whose ranks the last stage's statistics are identical copies (each tensor-parallel rank
+# computes the same vocab-parallel loss): the world sum counts them that many times.
+STATS_REPLICATED_OVER = ("tp",)
+
+
+class TrainModule:
+    """This rank's ShardedModel, ShardedOptimizer and Objective, and one step over them.
+
+    ``param_dtype`` bfloat16 gives Megatron's --bf16: bf16 parameters and activations, fp32 master
+    weights and Adam state in the optimizer, fp32 gradient accumulation and reductions.
+    """
+
+    def __init__(self, cfg: Config, ctx: ParallelContext, generator: Optional[torch.Generator] = None,
+                 param_dtype: torch.dtype = torch.float32, objective: Optional[Objective] = None):
+        self.cfg, self.ctx = cfg, ctx
+        p, t = cfg.parallel, cfg.train
+        self.model = ShardedModel(cfg.model, ctx, sequence_parallel=p.sp,
+                                  activation_checkpointing=t.activation_checkpointing, generator=generator,
+                                  param_dtype=param_dtype)
+        self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
+        self.objective = objective or build_objective(cfg.objective.kind)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.optimizer.step_count
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _micro_batches(self, batch: Batch):
+        layout = self.ctx.layout
+        local = shard_batch(batch, self.ctx.dp_rank, layout.dp, self.ctx.coord("cp"), layout.cp)
+        return [micro.to(self.ctx.device).contiguous() for micro in local.split_rows(self.cfg.train.micro_batch_size)]
+
+    def _accumulator(self):
+        """(statistics summed over this rank's micro-batches, the loss_fn for the model runner
+        that fills them): a micro-batch's summed loss divided by ``scale``."""
+        stats = torch.zeros(len(self.objective.stat_names), dtype=torch.float32, device=self.ctx.device)
+
+        def run(micro_batches, scale):
+            def loss_fn(chunk, hidden, index):
+                loss_sum, micro_stats = self.objective.loss(chunk, hidden, micro_batches[index])
+                stats.add_(torch.stack([micro_stats[n].float() for n in self.objective.stat_names]))
+                return loss_sum / scale
+            return loss_fn
+
+        return stats, run
+
+    def _global_metrics(self, stats: torch.Tensor, normaliser: float) -> Dict[str, float]:
+        """The objective's metrics from its statistics summed over this rank's micro-batches and
+        then over all ranks (ranks without the last stage contribute zeros)."""
+        values = stats.clone()
+        if self.ctx.world_size > 1:
+            dist.all_reduce(values)
+        replicas = math.prod(self.ctx.layout.size(axis) for axis in STATS_REPLICATED_OVER)
+        totals = {n: v / replicas for n, v in zip(self.objective.stat_names, values.tolist())}
+        return self.objective.metrics(totals, normaliser)
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self, batch: Batch, lr: float) -> Dict[str, float]:
+        """Train on one global batch; returns the step's metrics ("loss", "grad_norm" and the
+        objective's), global and identical on every rank. The update is skipped when the loss or
+        the norm is not finite, so the caller can stop without having changed the weights."""
+        metrics, norm = self.compute_gradients(batch)
+        if math.isfinite(metrics["loss"]) and math.isfinite(float(norm)):
+            self.apply_gradients(norm, lr)
+        return metrics
+
+    def compute_gradients(self, batch: Batch):
+        """Forward and backward of every micro-batch, gradients reduced and completed: (metrics
+        with "grad_norm", the global norm as a tensor)."""
+        normaliser = self.objective.normaliser(batch)
+        micro_batches = self._micro_batches(batch)
+        stats, loss_fn_for = self._accumulator()
+        loss_fn = loss_fn_for(micro_batches, normaliser)
+        self.optimizer.zero_grad()
+        if self.ctx.layout.pp == 1:
+            last = len(micro_batches) - 1
+            before_backward = lambda i: self.optimizer.sync_gradients(i == last)  # noqa: E731
+        else:
+            # Pipeline: each parameter's gradient arrives once per micro-batch, interleaved across
+            # chunks; the buckets are reduced after the schedule (finish_gradients).
+            self.optimizer.sync_gradients(False)
+            before_backward = None
+        self.model.forward_backward([m.input_ids for m in micro_batches], loss_fn, before_backward)
+        self.optimizer.finish_gradients()
+        norm = self.optimizer.grad_norm()
+        metrics = self._global_metrics(stats, normaliser)
+        metrics["grad_norm"] = float(norm)
+        return metrics, norm
+
+    def apply_gradients(self, norm: torch.Tensor, lr: float) -> None:
+        """Clip to optim.clip_grad by the global norm, then the AdamW update at ``lr``."""
+        self.optimizer.clip(norm)
+        self.optimizer.step(lr)
+
+    @torch.no_grad()
+    def evaluate(self, batch: Batch) -> Dict[str, float]:
+        """The objective's metrics of a batch, global on every rank, without training.
+
+        The batch is split over DP like a training batch; under PP the micro-batches flow through a
+        forward-only pipeline. A batch that does not fill dp * micro_batch_size rows evenly is padded
+        with rows whose labels are all ignored, so the result does not depend on the layout.
+        """
+        per_round = self.ctx.layout.dp * self.cfg.train.micro_batch_size
+        batch = batch.pad_rows(-(-batch.num_rows // per_round) * per_round)
+        normaliser = self.objective.normaliser(batch)
+        micro_batches = self._micro_batches(batch)
+        stats, loss_fn_for = self._accumulator()
+        self.model.forward_only([m.input_ids for m in micro_batches], loss_fn_for(micro_batches, 1.0))
+        return self._global_metrics(stats, normaliser)
