@@ -80,6 +80,7 @@ def model_summary(cfg, world_size: int) -> dict:
     device_type = "cuda" if cfg.train.device != "cpu" else "cpu"
     memory = estimate_training_memory(cfg, counts["total"], device_type=device_type, world_size=world_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    layout = ParallelLayout.from_config(cfg.parallel, world_size)
     return {
         "config": cfg.run.name,
         "total_params": counts["total"],
@@ -89,8 +90,8 @@ def model_summary(cfg, world_size: int) -> dict:
         "forward_flops_per_token": flops["forward"],
         "tokens_per_step": tokens_per_step,
         "flops_per_step": flops["training"] * tokens_per_step,
-        "layout": {"world_size": world_size, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
-                   "vpp": cfg.parallel.vpp, "dp": ParallelLayout.from_config(cfg.parallel, world_size).dp},
+        "layout": {"world_size": world_size, **layout.sizes(), "vpp": layout.vpp, "ep": layout.ep,
+                   "description": layout.describe()},
         "memory_per_rank_bytes": memory,
         "resolved_config": config_to_dict(cfg),
     }
@@ -120,8 +121,7 @@ def cmd_info(config: str, overrides: List[str], as_json: bool, world_size: int) 
         f"embedding params       {summary['embedding_params']:,}",
         f"training FLOPs/token   {_format_count(summary['flops_per_token'])}",
         f"tokens per step        {summary['tokens_per_step']:,}",
-        f"layout                 world {layout['world_size']} = tp {layout['tp']} x pp {layout['pp']} "
-        f"x dp {layout['dp']} (vpp {layout['vpp']})",
+        f"layout                 world {layout['world_size']} = {layout['description']}",
         "memory per rank (estimate of one training step):",
     ]
     lines += [f"  {k:<20} {v / 2**30:9.3f} GiB" for k, v in mem.items()]

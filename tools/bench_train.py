@@ -5,6 +5,11 @@ and MFU (where the device's peak is known). One process: the trainer's own step 
 
   python tools/bench_train.py tiny --steps 10
   python tools/bench_train.py tiny --model.hidden_size=512 --model.num_hidden_layers=8 --json
+  python tools/bench_train.py tiny --against HEAD~3 --rounds 3   # this tree vs a git ref, as a ratio
+
+``--against REF`` checks REF out into a temporary git worktree and runs this benchmark there and here
+alternately, ``--rounds`` times each, in fresh processes on the same machine, then prints both
+medians and the ratio (this tree / REF): a speed target is a ratio measured side by side.
 
 The batch is random token ids (the data pipeline is not what this measures); the model, optimizer,
 precision and micro-batching are the trainer's own.
@@ -13,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,6 +116,44 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     }
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_here_and_there(tree: Path, argv) -> float:
+    """tokens/s of this benchmark run (``argv`` without --against) in the checkout ``tree``."""
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run([sys.executable, str(tree / "tools" / "bench_train.py"), *argv, "--json"], cwd=tree,
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_train: error: the run in {tree} failed:\n{out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_sec"]
+
+
+def compare(ref: str, rounds: int, argv) -> int:
+    """This tree against git ``ref``, alternating runs; prints the medians and their ratio."""
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    other = work / "ref"
+    try:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(other), ref], check=True)
+        # The reference tree imports its own megacpm: its kernels/ as megacpm.kernels and the built
+        # C++ helpers, as an installed checkout would have them.
+        (other / "megacpm" / "kernels").symlink_to(other / "kernels")
+        for built in REPO.joinpath("megacpm").glob("_C*"):
+            shutil.copy2(built, other / "megacpm" / built.name)
+        here, there = [], []
+        for i in range(rounds):
+            there.append(_run_here_and_there(other, argv))
+            here.append(_run_here_and_there(REPO, argv))
+            print(f"round {i + 1}/{rounds}: {ref} {there[-1]:,.0f} tok/s, this tree {here[-1]:,.0f} tok/s", flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(other)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    ratio = statistics.median(here) / statistics.median(there)
+    print(f"median tokens/s: {ref} {statistics.median(there):,.0f}, this tree {statistics.median(here):,.0f}; "
+          f"ratio {ratio:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -114,6 +161,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="measured steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--against", metavar="REF", help="also run at git REF, alternately, and print the ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each tree with --against")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -121,6 +170,9 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"bench_train: error: {exc}", file=sys.stderr)
         return 2
+    if args.against:
+        forwarded = [args.config, f"--steps={args.steps}", f"--warmup={args.warmup}", *overrides]
+        return compare(args.against, args.rounds, forwarded)
     result = measure(cfg, args.steps, args.warmup)
     if args.json:
         print(json.dumps(result))

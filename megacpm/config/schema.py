@@ -80,11 +80,14 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """3D layout. The data-parallel size is derived: world_size / (tp * pp)."""
+    """The layout's axis sizes (megacpm.parallel.layout). The data-parallel size is derived:
+    world_size / (tp * cp * pp)."""
 
     tp: int = 1
     pp: int = 1
     vpp: int = 1
+    cp: int = 1  # context parallel (the sequence split over ranks): 1 until long-context training lands
+    ep: int = 1  # expert parallel, inside dp: 1 until MoE lands
     sp: bool = False
     zero1: bool = False
     # Seconds a collective may wait for a peer before the run fails with an error naming it (a

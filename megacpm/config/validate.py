@@ -65,8 +65,11 @@ def validate_model(cfg: Config) -> None:
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
     p, m = cfg.parallel, cfg.model
-    for key in ("tp", "pp", "vpp", "timeout_s"):
+    for key in ("tp", "pp", "vpp", "cp", "ep", "timeout_s"):
         _positive(f"parallel.{key}", getattr(p, key))
+    for key, what in (("cp", "context parallelism"), ("ep", "expert parallelism")):
+        if getattr(p, key) != 1:
+            raise ConfigError(f"parallel.{key}: {what} is not available yet (the axis exists with size 1)")
     if m.num_attention_heads % p.tp:
         raise ConfigError(
             f"parallel.tp: {p.tp} does not divide model.num_attention_heads {m.num_attention_heads}"

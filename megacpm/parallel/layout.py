@@ -67,8 +67,7 @@ class ParallelLayout:
     @classmethod
     def from_config(cls, parallel, world_size: int) -> "ParallelLayout":
         """The layout of a ``ParallelConfig`` (its sizes; dp is derived) on ``world_size`` ranks."""
-        return cls(world_size, tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp,
-                   cp=getattr(parallel, "cp", 1), ep=getattr(parallel, "ep", 1))
+        return cls(world_size, tp=parallel.tp, pp=parallel.pp, vpp=parallel.vpp, cp=parallel.cp, ep=parallel.ep)
 
     # -- sizes and coordinates -----------------------------------------------------------------
     @property

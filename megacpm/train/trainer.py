@@ -64,7 +64,7 @@ class Trainer:
         p, t = cfg.parallel, cfg.train
         if ctx is None:
             ctx = ParallelContext.initialize(p.tp, p.pp, p.vpp, timeout_s=p.timeout_s,
-                                             device_type=resolve_device(cfg).type)
+                                             device_type=resolve_device(cfg).type, cp=p.cp, ep=p.ep)
         self.ctx = ctx
         self.is_rank0 = ctx.rank == 0
         self.device = ctx.device
