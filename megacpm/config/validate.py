@@ -5,6 +5,7 @@ Runs before any process group, directory or file is created.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import typing
 from typing import Optional
@@ -13,6 +14,8 @@ from megacpm.config.loader import ConfigError, check_choice
 from megacpm.config.schedule import resolve_schedule
 from megacpm.config.schema import SECTIONS, Config
 from megacpm.parallel.layout import LayoutError, ParallelLayout
+
+MAX_PROFILED_STEPS = 16  # log.profile_steps: each trace is tens of MB
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -203,6 +206,23 @@ def validate_checkpoint(cfg: Config) -> None:
     _positive("checkpoint.keep", cfg.checkpoint.keep, allow_zero=True)
 
 
+def validate_log(cfg: Config) -> None:
+    log = cfg.log
+    if log.wandb:
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb: needs the wandb package (pip install wandb), or set log.wandb=false")
+        if not log.wandb_project or any(c in log.wandb_project for c in "/\\#?%:"):
+            raise ConfigError(f"log.wandb_project: must be a non-empty name without / \\ # ? % :, "
+                              f"got {log.wandb_project!r}")
+    if log.profile_steps is not None:
+        bad = [s for s in log.profile_steps if not 1 <= s <= cfg.train.steps]
+        if bad:
+            raise ConfigError(f"log.profile_steps: steps must be in 1 .. train.steps ({cfg.train.steps}), got {bad}")
+        if len(set(log.profile_steps)) > MAX_PROFILED_STEPS:
+            raise ConfigError(f"log.profile_steps: at most {MAX_PROFILED_STEPS} steps (each trace is large), "
+                              f"got {len(set(log.profile_steps))}")
+
+
 def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> Config:
     """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
     validate_choices(cfg)
@@ -214,4 +234,5 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> Confi
     if check_data:
         validate_data(cfg)
     validate_checkpoint(cfg)
+    validate_log(cfg)
     return cfg

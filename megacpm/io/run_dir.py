@@ -4,6 +4,7 @@
     RUN/metrics.jsonl               one JSON record per logged step (rank 0)
     RUN/tb/                         TensorBoard events
     RUN/profile/                    torch.profiler traces (log.profile_steps)
+    RUN/wandb/                      Weights & Biases files (log.wandb), run_id: the W&B run's id
     RUN/lineage.json                a branch's parent checkpoint and step
     RUN/checkpoints/step_N/         one complete checkpoint
         trainer_state.json, config.yaml, state/ (DCP), rng/rank_R.json
@@ -22,6 +23,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 PROFILE_DIR = "profile"
+WANDB_DIR = "wandb"
 LINEAGE_FILE = "lineage.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"

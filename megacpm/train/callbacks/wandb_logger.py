@@ -8,10 +8,11 @@ from typing import Any, Optional
 
 from megacpm.config import ConfigError
 from megacpm.config.loader import config_to_dict
+from megacpm.io.run_dir import WANDB_DIR
 from megacpm.train.callbacks.base import Record, Sink
 
 # The W&B run id of a run directory, so that a resumed run continues the same W&B run.
-WANDB_ID_FILE = Path("wandb") / "run_id"
+WANDB_ID_FILE = Path(WANDB_DIR) / "run_id"
 
 
 def import_wandb() -> Any:
