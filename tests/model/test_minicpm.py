@@ -197,6 +197,7 @@ def test_bf16_autocast_runs_and_stays_close():
     assert abs(loss_sum.item() - reference.item()) < 0.05 * float(reference)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("impl", ["auto", "sdpa", "eager"])
 def test_cuda_bf16_autocast_stays_close_to_fp32(impl):
