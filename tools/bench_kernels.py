@@ -64,7 +64,10 @@ import torch.nn.functional as F  # noqa: E402
 try:
     from torch.nn import LinearCrossEntropyOptions  # noqa: E402
 except ImportError:  # where torch 2.13 defines it, when torch.nn does not export it
-    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions  # noqa: E402
+    try:
+        from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions  # noqa: E402
+    except ImportError:  # an older torch (no chunked F.linear_cross_entropy): its baseline is left out
+        LinearCrossEntropyOptions = None
 
 from megacpm import kernels  # noqa: E402
 
@@ -179,13 +182,17 @@ def cross_entropy_case(shape: Shape, tokens: int, device, dtype, gen) -> Case:
 def fused_linear_cross_entropy_case(shape: Shape, tokens: int, device, dtype, gen) -> Case:
     scale = shape.logit_scale
     hidden, weight, labels = lm_head_inputs(tokens, shape.hidden, shape.vocab, device, dtype, gen)
+    impls = {"triton": lambda h, w, y: kernels.fused_linear_cross_entropy(h, w, y, logit_scale=scale, impl="triton")}
+    if hasattr(F, "linear_cross_entropy"):
+        impls["eager-materialised"] = lambda h, w, y: F.linear_cross_entropy(h * scale, w, y)
+    else:  # an older torch: the same materialised logits by hand
+        impls["eager-materialised"] = lambda h, w, y: loss_materialised(h, w, y, scale)
+    if LinearCrossEntropyOptions is not None and hasattr(F, "linear_cross_entropy"):
+        impls["eager-chunked"] = lambda h, w, y: F.linear_cross_entropy(h * scale, w, y,
+                                                                        options=LinearCrossEntropyOptions())
     return Case("fused_linear_cross_entropy", (hidden, weight, labels), (0, 1),
                 {"fwd": nbytes(hidden, weight, labels), "fwd+bwd": 2 * nbytes(hidden, weight) + nbytes(labels)},
-                {"triton": lambda h, w, y: kernels.fused_linear_cross_entropy(h, w, y, logit_scale=scale,
-                                                                              impl="triton"),
-                 "eager-materialised": lambda h, w, y: F.linear_cross_entropy(h * scale, w, y),
-                 "eager-chunked": lambda h, w, y: F.linear_cross_entropy(h * scale, w, y,
-                                                                         options=LinearCrossEntropyOptions())})
+                impls)
 
 
 CASES = (rms_norm_case, rotary_case, cross_entropy_case, fused_linear_cross_entropy_case)
