@@ -178,10 +178,8 @@ class Trainer:
         cfg = self.cfg
         callbacks: List[Callback] = [StepRecords(), CommStats()]
         if self.is_rank0:
-            if cfg.log.nvml and self.device.type == "cuda":
-                gpu = GpuMonitor.create(self.device.index or 0)
-                if gpu is not None:
-                    callbacks.append(gpu)
+            if self.device.type == "cuda":
+                callbacks.append(GpuMonitor(self.device.index or 0, use_nvml=cfg.log.nvml))
             callbacks.append(MetricsFile(self.run_dir / METRICS_FILE))
             if cfg.log.tensorboard:
                 callbacks.append(TensorBoard(self.run_dir / TENSORBOARD_DIR))
