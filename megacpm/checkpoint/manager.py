@@ -39,7 +39,6 @@ from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.sharded_model import ShardedModel
 
 FORMAT_VERSION = 2  # 2: model-space DCP of any layout, per-rank RNG files
-LATEST = LATEST_FILE  # the name branch.py and tools know
 
 
 class Trainable(Protocol):
@@ -83,7 +82,7 @@ def list_checkpoints(run_dir: str | Path) -> List[int]:
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The checkpoint named by ``latest``, or None when the run has none."""
     root = checkpoints_dir(run_dir)
-    pointer = root / LATEST
+    pointer = root / LATEST_FILE
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
@@ -222,7 +221,7 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(root)
         if final.exists():  # saved already (e.g. the end of a run that was interrupted right after)
-            write_text_atomic(root / LATEST, final.name)
+            write_text_atomic(root / LATEST_FILE, final.name)
             return False
         rng_file(tmp, 0).parent.mkdir(parents=True)
         return True
@@ -251,7 +250,7 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
         fsync_tree(tmp)
         os.rename(tmp, final)
         fsync_dir(root)
-        write_text_atomic(root / LATEST, final.name)
+        write_text_atomic(root / LATEST_FILE, final.name)
         _rotate(root, cfg.checkpoint.keep)
 
     if background:

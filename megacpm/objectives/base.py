@@ -17,6 +17,7 @@ A new objective (SFT, DPO) is a subclass in megacpm/objectives/ registered in OB
 """
 from __future__ import annotations
 
+import abc
 from typing import Dict, Tuple
 
 import torch
@@ -27,22 +28,22 @@ from megacpm.model import MiniCPM
 Stats = Dict[str, torch.Tensor]
 
 
-class Objective:
-    """Subclasses implement ``normaliser``, ``loss`` and ``metrics``."""
+class Objective(abc.ABC):
+    """Subclasses implement ``normaliser``, ``loss`` and ``metrics`` (abstract here)."""
 
     kind = "base"
     stat_names: Tuple[str, ...] = ()  # the keys of the statistics ``loss`` returns, in a fixed order
 
+    @abc.abstractmethod
     def normaliser(self, batch: Batch) -> float:
         """The positive divisor of the step's summed loss, from the global batch."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, chunk: MiniCPM, hidden: torch.Tensor, micro: Batch) -> Tuple[torch.Tensor, Stats]:
         """(summed loss of the micro-batch as a differentiable scalar, {name: summed statistic as a
         detached scalar} for every name of ``stat_names``) from the last chunk and its output
         ``hidden`` [micro, seq, hidden]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def metrics(self, stats: Dict[str, float], normaliser: float) -> Dict[str, float]:
         """The step's metrics from the global sums of the statistics; must include "loss"."""
-        raise NotImplementedError

@@ -32,7 +32,6 @@ from megacpm.optim import LRSchedule
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.callbacks import (Callback, CallbackList, Checkpointing, CommStats, Console, Evaluation,
                                      GpuMonitor, MetricsFile, Profiler, StepRecords, TensorBoard, WandB)
-from megacpm.train.callbacks.checkpointing import StopRequest  # noqa: F401  (its home was this module)
 from megacpm.train.device import param_dtype, resolve_device
 from megacpm.train.train_module import TrainModule
 

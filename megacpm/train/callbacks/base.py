@@ -22,6 +22,8 @@ console, W&B, GPU monitor) on rank 0 only; evaluation, checkpointing and the pro
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 from typing import TYPE_CHECKING, Any, ContextManager, Dict, Iterable, List, Optional
 
@@ -129,12 +131,13 @@ class CallbackList(Callback):
             raise errors[0]
 
 
-class Sink(Callback):
+class Sink(Callback, abc.ABC):
     """A callback writing records somewhere: the records of logged steps and of evaluations,
     ``{"step": N, "eval_loss": ...}``, both reach ``write``; ``close`` at the end."""
 
+    @abc.abstractmethod
     def write(self, record: Record) -> None:
-        raise NotImplementedError
+        """Write one record (a logged step's or an evaluation's)."""
 
     def close(self) -> None:
         pass

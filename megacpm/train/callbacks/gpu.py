@@ -24,11 +24,6 @@ class GpuMonitor(Callback):
         except Exception:  # no package, no driver, no GPU: monitoring is optional by design
             self._handle = None
 
-    @classmethod
-    def create(cls, device_index: int, use_nvml: bool = True) -> "GpuMonitor":
-        """The monitor of a CUDA run: always one (torch's peak needs no NVML)."""
-        return cls(device_index, use_nvml=use_nvml)
-
     def sample(self) -> Record:
         import torch
 
