@@ -81,7 +81,10 @@ def test_vocab_parallel_equals_one_process_cross_entropy(world):
         assert grad.dtype == logits.dtype and grad.shape == logits.shape
         for loss in losses:
             assert loss.dtype == torch.float32
-            torch.testing.assert_close(loss, one, rtol=2e-6, atol=2e-6, msg=lambda m: f"{label}: {m}")
+            # Two fp32 algorithms (one-pass lse against the combined per-slice max / sum-exp) over a
+            # 1000-wide vocabulary differ by tens of ulps, with the summation order the CPU's SIMD width
+            # picks; the fp64 check below is the accuracy bound.
+            torch.testing.assert_close(loss, one, rtol=1e-5, atol=1e-5, msg=lambda m: f"{label}: {m}")
         torch.testing.assert_close(grad.float(), one_grad.float(), msg=lambda m: f"{label}: {m}",
                                    **({} if dtype == "float32" else dict(rtol=2 ** -7, atol=1e-6)))
         if all_ignored:
@@ -99,4 +102,9 @@ def test_single_process_group_is_plain_cross_entropy():
         impl, dtype, rows, vocab, scale, reduction, ignored, all_ignored = case
         logits, labels, _ = make_case(rows, vocab, dtype, ignored, all_ignored, seed)
         one = cross_entropy(logits, labels, logit_scale=scale, reduction=reduction, impl="torch")
-        torch.testing.assert_close(torch.tensor(results[0][0][seed][0]), one, rtol=2e-6, atol=2e-6)
+        loss = torch.tensor(results[0][0][seed][0])
+        torch.testing.assert_close(loss, one, rtol=1e-5, atol=1e-5)  # tens of ulps apart: see above
+        ref = formula(logits.double(), labels, scale, reduction=reduction)
+        base = formula(logits, labels, scale, reduction=reduction)
+        lscale = max(1.0, ref.abs().max().item())
+        assert_close_to_reference(loss, ref, base, 2.0, 4 * dtype_atol(torch.float32, lscale), name=str(case))
