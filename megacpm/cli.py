@@ -1,7 +1,9 @@
 """``megacpm VERB ...``: a thin layer that parses arguments and calls library functions.
 
-Every user error (bad config value, unusable checkpoint, diverged run) is one line on stderr and a
-non-zero exit code, never a traceback. Nothing is created before the config has been validated.
+Every user error (bad config value, unusable checkpoint, diverged run, a run directory in use, a
+failure of the disk or the file system) is one line on stderr and a non-zero exit code, never a
+traceback. Nothing is created before the config (and, for a resume, the checkpoint) has been
+validated. Under torchrun, failures every rank shares are reported by rank 0 alone.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import List, Optional
 # Only light modules at the top (the config and pure layout arithmetic, no torch): a bad config or
 # argument fails in a fraction of a second. The verbs import torch's heavy parts locally, below.
 from megacpm.config import ConfigError, config_to_dict, dump_yaml, load_config, preset_names, validate
+from megacpm.io.errors import EntryPointError, describe_os_error
 from megacpm.io.run_dir import CONFIG_FILE
 from megacpm.parallel.layout import ParallelLayout
 
@@ -31,25 +34,42 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def cmd_train(config: str, overrides: List[str]) -> int:
     cfg = load_config(config, overrides)
     validate(cfg, world_size=_world_size())  # before any process group or file exists
     # Imported after validation (start-up speed, not a cycle): a bad config must fail fast, without
     # loading torch's heavy parts.
-    from megacpm.checkpoint import CheckpointError
+    from megacpm.checkpoint import CheckpointError, latest_checkpoint
     from megacpm.data import DataError
-    from megacpm.parallel.context import is_peer_failure
+    from megacpm.io.run_lock import RunLocked
+    from megacpm.parallel.context import RankZeroFailed, is_peer_failure
     from megacpm.train.trainer import Trainer, TrainingDiverged
 
     trainer = None
     try:
         trainer = Trainer(cfg)
         result = trainer.run()
-    except (CheckpointError, DataError, TrainingDiverged) as exc:
+    except RankZeroFailed:
+        return EXIT_FAILURE  # rank 0 failed at something done for all, and says so itself
+    except (CheckpointError, DataError, TrainingDiverged, RunLocked, EntryPointError) as exc:
         # Global failures reach every rank with the same message: rank 0 speaks for the run.
-        if trainer is None or trainer.is_rank0 or not isinstance(exc, TrainingDiverged):
+        if _rank() == 0 or not isinstance(exc, (TrainingDiverged, CheckpointError)):
             _fail(str(exc), EXIT_FAILURE)
         return EXIT_FAILURE
+    except OSError as exc:  # the disk or file system: this rank's own failure
+        where = f"rank {_rank()}: " if _world_size() > 1 else ""
+        return _fail(where + describe_os_error(exc), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        try:
+            last = latest_checkpoint(cfg.run.dir)
+        except (CheckpointError, OSError):
+            last = None
+        return _fail(f"interrupted; {cfg.run.dir} resumes from {last if last else 'its start (no checkpoint yet)'} "
+                     f"when started again", 130)
     except Exception as exc:
         if _world_size() == 1 or not is_peer_failure(exc):
             raise  # a bug: keep the traceback
@@ -187,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_broken_pipe() -> int:
+    # stdout's reader went away (`megacpm info CONFIG --json | head`): not a failure of ours.
+    # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
@@ -201,13 +228,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_info(args.config, overrides, args.json, args.world_size or _world_size())
     except ConfigError as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except EntryPointError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _quiet_broken_pipe()
+        return _fail(describe_os_error(exc), EXIT_FAILURE)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    except BrokenPipeError:
-        # stdout's reader went away (`megacpm info CONFIG --json | head`): not a failure of ours.
-        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     parser.error(f"unknown verb {args.verb}")
     return EXIT_USAGE
 

@@ -5,13 +5,18 @@ torch.distributed.checkpoint and the model (about a second per process) until on
 """
 import importlib
 
-_MANAGER_EXPORTS = ("CheckpointError", "TrainerState", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-                    "PendingSave", "load_model_weights", "save_checkpoint", "save_checkpoint_async", "save_weights")
+# catalog: which checkpoints exist and which one a resume continues from (light: no DCP import)
+_CATALOG_EXPORTS = ("CheckpointError", "Resume", "checkpoint_problem", "latest_checkpoint", "list_checkpoints",
+                    "resolve_resume")
+_MANAGER_EXPORTS = ("TrainerState", "load_checkpoint", "PendingSave", "load_model_weights", "save_checkpoint",
+                    "save_checkpoint_async", "save_weights")
 
-__all__ = list(_MANAGER_EXPORTS)
+__all__ = [*_CATALOG_EXPORTS, *_MANAGER_EXPORTS]
 
 
 def __getattr__(name):
+    if name in _CATALOG_EXPORTS:
+        return getattr(importlib.import_module("megacpm.checkpoint.catalog"), name)
     if name in _MANAGER_EXPORTS:
         return getattr(importlib.import_module("megacpm.checkpoint.manager"), name)
     raise AttributeError(f"module 'megacpm.checkpoint' has no attribute {name!r}")

@@ -9,12 +9,16 @@ Layout of one checkpoint directory:
 
 Saving is collective: every rank writes its shards into ``.tmp-step_N``; rank 0 then writes the
 metadata, fsyncs and renames the directory, and rewrites ``latest`` atomically afterwards, so
-``latest`` always names a complete checkpoint whatever moment a crash strikes.
+``latest`` always names a complete checkpoint whatever moment a crash strikes. A save that fails
+(a full disk, an interrupt) removes its temporary directory before raising. Which checkpoint a
+resume continues from (and what "complete" means) is megacpm.checkpoint.catalog's.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -29,16 +33,21 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megacpm.checkpoint.catalog import (FORMAT_VERSION, CheckpointError, checkpoint_problem, latest_checkpoint,
+                                        list_checkpoints, read_trainer_state)
 from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
 from megacpm.io.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
-from megacpm.io.run_dir import (CONFIG_FILE, LATEST_FILE, STATE_DIR, STEP_DIR, TRAINER_STATE_FILE, checkpoints_dir,
-                                rng_file, step_dir_name)
+from megacpm.io.errors import describe_os_error
+from megacpm.io.run_dir import (CONFIG_FILE, LATEST_FILE, STATE_DIR, TRAINER_STATE_FILE, checkpoints_dir, rng_file,
+                                step_dir_name)
 from megacpm.optim.sharded_optimizer import ShardedOptimizer
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.sharded_model import ShardedModel
 
-FORMAT_VERSION = 2  # 2: model-space DCP of any layout, per-rank RNG files
+__all__ = ["CheckpointError", "FORMAT_VERSION", "PendingSave", "Trainable", "TrainerState", "latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "load_model_weights", "read_trainer_state", "read_weights",
+           "save_checkpoint", "save_checkpoint_async", "save_weights"]
 
 
 class Trainable(Protocol):
@@ -48,13 +57,11 @@ class Trainable(Protocol):
     ctx: ParallelContext
     model: ShardedModel
     optimizer: ShardedOptimizer
+
+
 # Model fields that change a tensor's shape: a checkpoint cannot load into a model differing in them.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: the message names the file or field."""
 
 
 @dataclass
@@ -68,28 +75,6 @@ class TrainerState:
     # starts that mixture's stream from its beginning.
     data_start: int = 0
     data_signature: str = ""
-
-
-def list_checkpoints(run_dir: str | Path) -> List[int]:
-    """Steps of the complete checkpoints of a run, ascending."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    steps = [int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return sorted(steps)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The checkpoint named by ``latest``, or None when the run has none."""
-    root = checkpoints_dir(run_dir)
-    pointer = root / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    path = root / name
-    if not STEP_DIR.match(name) or not path.is_dir():
-        raise CheckpointError(f"{pointer}: names '{name}', which is not a checkpoint directory")
-    return path
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -116,12 +101,24 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         )
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The underlying error of a DCP failure (DCP wraps each rank's exception, often in a chain)."""
+    for _ in range(8):
+        failures = getattr(exc, "failures", None)
+        if failures:
+            exc = next(iter(failures.values()))
+            exc = exc[0] if isinstance(exc, tuple) else exc
+        elif exc.__cause__ is not None:
+            exc = exc.__cause__
+        else:
+            break
+    return exc
+
+
 def _first_cause(exc: BaseException) -> str:
-    """The underlying error of a DCP failure (DCP wraps each rank's exception)."""
-    failures = getattr(exc, "failures", None)
-    if failures:
-        exc = next(iter(failures.values()))
-        exc = exc[0] if isinstance(exc, tuple) else exc
+    exc = _root_cause(exc)
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
@@ -130,21 +127,40 @@ def _model_shape(model_cfg: ModelConfig) -> Dict[str, Any]:
     return {k: getattr(model_cfg, k) for k in SHAPE_FIELDS}
 
 
+@contextlib.contextmanager
+def _dcp_logs_silenced():
+    """DCP logs each failure with its traceback before raising; the caller turns the exception into
+    one line naming the file, so DCP's own loggers are held back meanwhile."""
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.checkpoint", "torch.distributed.checkpoint.logger",
+                                                      "torch.distributed.checkpoint.utils")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _dcp_quiet(fn, *args, **kwargs):
     # DCP warns that it runs without a process group: that is the intended single-process mode.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _dcp_logs_silenced():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         return fn(*args, **kwargs)
 
 
-def _on_rank0(ctx: ParallelContext, action):
-    """Run ``action`` on rank 0 only; every rank gets its result, or raises its CheckpointError."""
+def _on_rank0(ctx: ParallelContext, action, doing: str = ""):
+    """Run ``action`` on rank 0 only; every rank gets its result, or raises its CheckpointError
+    (prefixed with what was being done, e.g. "saving step_5: ")."""
     result, error = None, None
     if ctx.rank == 0:
         try:
             result = action()
-        except (OSError, CheckpointError) as exc:
-            error = str(exc)
+        except OSError as exc:
+            error = doing + describe_os_error(exc)
+        except CheckpointError as exc:
+            error = doing + str(exc)
     if ctx.world_size > 1:
         shared = [result, error]
         dist.broadcast_object_list(shared, src=0)
@@ -172,11 +188,12 @@ class PendingSave:
     """A checkpoint being written in the background (``save_checkpoint_async``).
 
     ``done()`` is this rank's view; ``finish()`` (collective, every rank at the same step) waits for
-    the writes and then publishes the checkpoint: rename, ``latest``, rotation.
+    the writes and then publishes the checkpoint: rename, ``latest``, rotation. A write that failed
+    on any rank fails ``finish()`` on every rank, and the temporary directory is removed.
     """
 
-    def __init__(self, future, ctx: ParallelContext, publish, path: Path):
-        self._future, self._ctx, self._publish, self.path = future, ctx, publish, path
+    def __init__(self, future, ctx: ParallelContext, publish, abandon, path: Path):
+        self._future, self._ctx, self._publish, self._abandon, self.path = future, ctx, publish, abandon, path
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
@@ -188,9 +205,15 @@ class PendingSave:
                 self._future.result()
             except (Exception, CheckpointException) as exc:
                 error = f"{self.path}: background write failed ({_first_cause(exc)})"
+        if self._ctx.world_size > 1:  # every rank learns of any rank's failure: all publish, or none
+            errors = [None] * self._ctx.world_size
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
         if error is not None:
+            if self._ctx.rank == 0:
+                self._abandon()
             raise CheckpointError(error)
-        _on_rank0(self._ctx, self._publish)
+        _on_rank0(self._ctx, self._publish, f"saving {self.path.name}: ")
         return self.path
 
 
@@ -210,6 +233,13 @@ def save_weights(run_dir: str | Path, cfg: Config, weights: Dict[str, torch.Tens
                  with_optimizer=False)
 
 
+def _pointer_name(root: Path) -> Optional[str]:
+    try:
+        return (root / LATEST_FILE).read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: TrainerState, dcp_state,
           with_optimizer: bool, background: bool = False):
     state = replace(state)  # as of now: a background save is published after the trainer moved on
@@ -217,27 +247,42 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
     final = root / step_dir_name(state.step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
 
+    def abandon() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
     def prepare() -> bool:
         root.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(root)
-        if final.exists():  # saved already (e.g. the end of a run that was interrupted right after)
-            write_text_atomic(root / LATEST_FILE, final.name)
-            return False
+        remove_stale_tmp(root)  # a crashed save's leftovers: the run lock says no other save is live
+        if final.exists() and _pointer_name(root) == final.name and checkpoint_problem(final) is None:
+            return False  # saved already: this run's checkpoint of this step is the one latest names
+        # Any other existing step_N is stale (a rolled-back latest, written just before a crash moved
+        # the pointer, or damaged): this save replaces it, at publication.
         rng_file(tmp, 0).parent.mkdir(parents=True)
         return True
 
-    if not _on_rank0(ctx, prepare):
-        return PendingSave(None, ctx, lambda: None, final) if background else final
-    write_text_atomic(rng_file(tmp, ctx.rank), json.dumps(_rng_state()))
+    doing = f"saving {final.name}: "
+    if not _on_rank0(ctx, prepare, doing):
+        return PendingSave(None, ctx, lambda: None, lambda: None, final) if background else final
     future = None
-    if background:
-        # DCP copies the tensors to host memory, then writes from a thread coordinating over its own
-        # group while this thread's collectives go on.
-        future = _dcp_quiet(dcp.async_save, dcp_state(), checkpoint_id=str(tmp / STATE_DIR),
-                            process_group=ctx.background_group, no_dist=ctx.world_size == 1,
-                            async_stager=HostCopyStager())
-    else:
-        _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / STATE_DIR))
+    try:
+        write_text_atomic(rng_file(tmp, ctx.rank), json.dumps(_rng_state()))
+        if background:
+            # DCP copies the tensors to host memory, then writes from a thread coordinating over its
+            # own group while this thread's collectives go on.
+            future = _dcp_quiet(dcp.async_save, dcp_state(), checkpoint_id=str(tmp / STATE_DIR),
+                                process_group=ctx.background_group, no_dist=ctx.world_size == 1,
+                                async_stager=HostCopyStager())
+        else:
+            _dcp_quiet(dcp.save, dcp_state(), checkpoint_id=str(tmp / STATE_DIR))
+    except (Exception, CheckpointException, KeyboardInterrupt) as exc:
+        if ctx.rank == 0:  # DCP fails every rank alike: each stops here; rank 0 owns the directory
+            abandon()
+        if isinstance(exc, KeyboardInterrupt) or isinstance(_root_cause(exc), KeyboardInterrupt):
+            raise KeyboardInterrupt from None  # a second Ctrl-C: the save is abandoned, latest untouched
+        if isinstance(exc, OSError):
+            raise CheckpointError(doing + describe_os_error(exc)) from None
+        raise CheckpointError(doing + _first_cause(exc)) from None
+    if not background:
         _barrier(ctx)
 
     def finalize() -> None:
@@ -245,40 +290,44 @@ def _save(run_dir: str | Path, cfg: Config, ctx: ParallelContext, state: Trainer
                 "model": _model_shape(cfg.model),
                 "layout": {"world_size": ctx.world_size, "tp": ctx.layout.tp, "pp": ctx.layout.pp,
                            "vpp": ctx.layout.vpp, "zero1": cfg.parallel.zero1}}
-        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(meta, indent=1))
-        (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
-        fsync_tree(tmp)
-        os.rename(tmp, final)
-        fsync_dir(root)
+        try:
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(meta, indent=1))
+            (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
+            fsync_tree(tmp)
+        except BaseException:
+            abandon()
+            raise
+        if final.exists():
+            # The stale checkpoint leaves under a temporary name (removed by any later save if a
+            # crash strikes in between), then the new one takes its name; latest names neither.
+            stale = root / f"{TMP_PREFIX}stale-{final.name}"
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            fsync_dir(root)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+            fsync_dir(root)
         write_text_atomic(root / LATEST_FILE, final.name)
-        _rotate(root, cfg.checkpoint.keep)
+        _rotate(root, cfg.checkpoint.keep, state.step)
 
     if background:
-        return PendingSave(future, ctx, finalize, final)
-    _on_rank0(ctx, finalize)
+        return PendingSave(future, ctx, finalize, abandon, final)
+    _on_rank0(ctx, finalize, doing)
     return final
 
 
-def _rotate(root: Path, keep: int) -> None:
+def _rotate(root: Path, keep: int, newest: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``newest`` (the one latest now names); never one
+    past it: those are stale ones the coming saves replace, and deleting them is not rotation's call.
+    A checkpoint leaves by rename first, so a crash mid-delete never leaves a partial step_N."""
     if keep <= 0:
         return
-    steps = list_checkpoints(root.parent)
+    steps = [step for step in list_checkpoints(root.parent) if step <= newest]
     for step in steps[:-keep]:
-        shutil.rmtree(root / step_dir_name(step), ignore_errors=True)
-
-
-def read_trainer_state(path: Path) -> Dict[str, Any]:
-    meta_path = path / TRAINER_STATE_FILE
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path}: missing (incomplete or foreign checkpoint)") from None
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{meta_path}: not valid JSON (corrupted checkpoint)") from None
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-    return meta
+        doomed = root / f"{TMP_PREFIX}rotated-{step_dir_name(step)}"
+        os.rename(root / step_dir_name(step), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _check_model_shape(path: Path, meta: Dict[str, Any], model_cfg: ModelConfig) -> None:
@@ -314,9 +363,12 @@ def load_checkpoint(path: str | Path, cfg: Config, trainable: Trainable, with_op
     rank_path = rng_file(path, trainable.ctx.rank)
     rng_path = rank_path if rank_path.is_file() else rng_file(path, 0)
     try:
-        _set_rng_state(json.loads(rng_path.read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
-        raise CheckpointError(f"{rng_path}: missing or corrupted") from None
+        _set_rng_state(json.loads(rng_path.read_bytes().decode("utf-8")))
+    except FileNotFoundError:
+        raise CheckpointError(f"{rng_path}: missing (incomplete checkpoint)") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:  # JSON, UTF-8 and shape errors alike
+        raise CheckpointError(f"{rng_path}: corrupted ({type(exc).__name__}); the checkpoint's RNG states "
+                              f"cannot be restored") from None
     return TrainerState(step=int(meta["step"]), optimizer_steps=int(meta["optimizer_steps"]),
                         consumed_samples=int(meta["consumed_samples"]), tokens=int(meta["tokens"]),
                         data_start=int(meta.get("data_start", 0)), data_signature=str(meta.get("data_signature", "")))

@@ -9,6 +9,7 @@
     RUN/checkpoints/step_N/         one complete checkpoint
         trainer_state.json, config.yaml, state/ (DCP), rng/rank_R.json
     RUN/checkpoints/latest          the name of the newest complete checkpoint
+    RUN/.lock                       the run lock (held by the live trainer; its holder as text)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ WANDB_DIR = "wandb"
 LINEAGE_FILE = "lineage.json"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
+LOCK_FILE = ".lock"  # the run lock (megacpm.io.run_lock): one live trainer per run directory
 TRAINER_STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
 RNG_DIR = "rng"

@@ -9,12 +9,20 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from megacpm.parallel.layout import GROUP_KINDS, ParallelLayout
+
+T = TypeVar("T")
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when an action run on rank 0 for all (``run_on_rank0``) failed
+    there: rank 0 reports the failure itself, so the others leave quietly."""
+
 
 @dataclass
 class ParallelContext:
@@ -77,6 +85,26 @@ class ParallelContext:
     def destroy(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def run_on_rank0(self, action: Callable[[], T]) -> T:
+        """``action()`` on rank 0 (the run directory's writer), its result shared with every rank.
+        If it raises, rank 0 re-raises the exception and every other rank raises RankZeroFailed with
+        its text: all ranks leave together instead of the others waiting in the next collective."""
+        result, failure = None, None
+        if self.rank == 0:
+            try:
+                result = action()
+            except Exception as exc:  # noqa: BLE001 - shared, then re-raised as it was
+                failure = exc
+        if self.world_size > 1:
+            shared = [result, None if failure is None else f"{type(failure).__name__}: {failure}"]
+            dist.broadcast_object_list(shared, src=0)
+            result, text = shared
+            if self.rank != 0 and text is not None:
+                raise RankZeroFailed(text)
+        if failure is not None:
+            raise failure
+        return result
 
     # -- coordinates -----------------------------------------------------------------------------
     @property

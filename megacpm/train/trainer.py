@@ -10,11 +10,17 @@ checkpoint and started again reproduces the uninterrupted run step for step, und
 Under torchrun every rank runs this loop on the same global batch (each takes its slice); losses and
 gradient norms are global, so every rank takes the same decisions. Only rank 0 writes the run
 directory's logs; checkpoints are written by all ranks together.
+
+Opening a run (``_open_run``) validates before it writes: the run lock of an existing run first
+(a second trainer is refused before it reads anything), then the checkpoint to resume from, loaded
+in full; only then does rank 0 create the directory, take the lock for the run's life and write
+config.yaml. A rejected start leaves the run directory byte-identical.
 """
 from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -22,9 +28,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megacpm.checkpoint import (PendingSave, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                save_checkpoint_async)
+from megacpm.checkpoint import (CheckpointError, PendingSave, TrainerState, latest_checkpoint, load_checkpoint,
+                                resolve_resume, save_checkpoint, save_checkpoint_async)
 from megacpm.io.atomic import write_text_atomic
+from megacpm.io.run_lock import RunLock
 from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, TENSORBOARD_DIR
 from megacpm.config import Config, dump_yaml
 from megacpm.data import Batch, DataBundle, DataError, build_datasets, data_signature, get_batch
@@ -78,6 +85,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, t.steps)
         self.state = TrainerState()
         self.pending: Optional[PendingSave] = None  # a checkpoint being written in the background
+        self.lock = RunLock(self.run_dir)  # held by rank 0 for the run's life (the job's lock)
 
     def _build_data(self) -> DataBundle:
         """Datasets on every rank; local rank 0 first, so the others find the tokenizer and token
@@ -111,7 +119,10 @@ class Trainer:
         metrics = self.module.step(batch, lr)
         loss, grad_norm = metrics["loss"], metrics["grad_norm"]
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = latest_checkpoint(self.run_dir)
+            try:
+                last = latest_checkpoint(self.run_dir)
+            except CheckpointError:
+                last = None
             raise TrainingDiverged(
                 f"diverged at step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                 f"(loss {loss}, grad_norm {grad_norm}); stopped without saving this step; "
@@ -137,8 +148,25 @@ class Trainer:
         return {f"eval_{name}": value for name, value in self.module.evaluate(batch).items()}
 
     # -- the run --------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        checkpoint = latest_checkpoint(self.run_dir)
+    def _open_run(self) -> None:
+        """Validate, then lock and write (see the module docstring)."""
+        ctx = self.ctx
+        # An existing run's lock, before reading anything of it (creating nothing).
+        ctx.run_on_rank0(lambda: self.run_dir.is_dir() and self.lock.acquire(create=False))
+        resume = ctx.run_on_rank0(lambda: resolve_resume(self.run_dir))
+        if resume.warning:
+            self._warn(resume.warning)
+        self._resume(resume.path)  # collective; raises CheckpointError for a checkpoint this config cannot take
+
+        def create() -> None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()  # a new run: two trainers racing to create it, one wins here
+            self.lock.announce()
+            write_text_atomic(self.run_dir / CONFIG_FILE, dump_yaml(self.cfg))
+
+        ctx.run_on_rank0(create)
+
+    def _resume(self, checkpoint: Optional[Path]) -> None:
         signature = data_signature(self.cfg.data)
         if checkpoint is not None:
             self.state = load_checkpoint(checkpoint, self.cfg, self.module)
@@ -165,6 +193,10 @@ class Trainer:
     def _message(self, text: str) -> None:
         if self.is_rank0:
             self.print(text)
+
+    def _warn(self, text: str) -> None:
+        if self.is_rank0:
+            print(f"megacpm: warning: {text}", file=sys.stderr, flush=True)
 
     def add_callback(self, callback: Callback) -> None:
         """A callback of this trainer's runs, after the standard ones (see default_callbacks)."""
@@ -201,11 +233,14 @@ class Trainer:
                 f"({'bf16 with fp32 master weights' if self.param_dtype == torch.bfloat16 else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)")
 
     def run(self) -> RunResult:
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> RunResult:
         t = self.cfg.train
-        if self.is_rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / CONFIG_FILE, dump_yaml(self.cfg))
-        self._resume()
+        self._open_run()
         if self.state.step >= t.steps:
             self._message(f"{self.run_dir}: already at step {self.state.step} of {t.steps}; nothing to do "
                           f"(raise train.steps to continue)")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from megacpm.io.atomic import write_text_atomic
 from megacpm.train.callbacks.base import Record, Sink
 
 
@@ -30,15 +31,14 @@ class MetricsFile(Sink):
         if not self.path.exists():
             return
         kept: List[str] = []
-        for line in self.path.read_text().splitlines():
+        for raw in self.path.read_bytes().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(self.path)
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue  # a line torn by a crash mid-write (or scribbled over)
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
+                kept.append(raw.decode("utf-8"))
+        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: Record) -> None:
         self._file.write(json.dumps(record) + "\n")

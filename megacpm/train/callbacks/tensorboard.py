@@ -19,7 +19,9 @@ class TensorBoard(Sink):
     def on_train_start(self, trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is heavy
 
-        self._writer = SummaryWriter(log_dir=str(self.log_dir))
+        # A resumed run recomputes the steps after its checkpoint: their old events are purged.
+        resumed = trainer.state.step
+        self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=resumed + 1 if resumed else None)
 
     def write(self, record: Record) -> None:
         step = record["step"]
