@@ -13,6 +13,7 @@ an LM head / (hidden_size / dim_model_base), untied (the tied embedding cannot c
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, Iterable, Optional
@@ -21,9 +22,10 @@ import torch
 
 from megacpm.checkpoint.branch import resolve_checkpoint
 from megacpm.checkpoint.manager import CheckpointError, read_weights
-from megacpm.config import Config, ModelConfig, load_config
+from megacpm.config import Config, ConfigError, ModelConfig, load_config
 from megacpm.config.loader import config_from_dict
 from megacpm.io.atomic import atomic_directory
+from megacpm.io.errors import describe_decode_error, describe_os_error
 from megacpm.io.run_dir import CONFIG_FILE
 from megacpm.model import MiniCPM
 
@@ -50,22 +52,102 @@ def is_hf_directory(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def model_config_from_hf(directory: Path) -> ModelConfig:
-    path = Path(directory) / CONFIG
+# MiniCPM's muP multipliers: a config.json without them is not a MiniCPM (Llama, a Llama-format
+# export of megacpm, ...), and converting it with megacpm's defaults would train another function.
+MUP_FIELDS = ("scale_emb", "dim_model_base", "scale_depth")
+REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                   *MUP_FIELDS)
+INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "max_position_embeddings", "dim_model_base")
+FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "attention_dropout", "scale_emb", "scale_depth", "initializer_range")
+
+
+def read_json_file(path: Path, what: str = "JSON") -> object:
+    """A JSON file's value; every way it can be unusable is a ConversionError naming the file."""
     try:
-        hf = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise ConversionError(f"{path}: {'missing' if isinstance(exc, FileNotFoundError) else 'not valid JSON'}") from None
-    architectures = hf.get("architectures") or ["MiniCPMForCausalLM"]
-    if not any("MiniCPM" in a for a in architectures):
-        raise ConversionError(f"{path}: architectures {architectures} is not MiniCPM (megacpm reads MiniCPM directories)")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in hf]
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: missing") from None
+    except IsADirectoryError:
+        raise ConversionError(f"{path}: is a directory, not a {what} file") from None
+    except OSError as exc:
+        raise ConversionError(describe_os_error(exc, path)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConversionError(describe_decode_error(path, exc)) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ConversionError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check_field(path: Path, key: str, value) -> None:
+    if key in INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConversionError(f"{path}: {key} must be an integer, got {_json_type(value)} ({value!r})")
+        if value < 1:
+            raise ConversionError(f"{path}: {key} must be >= 1, got {value}")
+    elif key in FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConversionError(f"{path}: {key} must be a number, got {_json_type(value)} ({value!r})")
+        if not math.isfinite(value):
+            raise ConversionError(f"{path}: {key} must be finite, got {value}")
+        if key in ("scale_emb", "scale_depth", "rope_theta", "rms_norm_eps") and value <= 0:
+            raise ConversionError(f"{path}: {key} must be > 0, got {value}")
+    elif key == "tie_word_embeddings" and not isinstance(value, bool):
+        raise ConversionError(f"{path}: tie_word_embeddings must be true or false, got {_json_type(value)} ({value!r})")
+    elif key == "rope_scaling" and not isinstance(value, dict):
+        raise ConversionError(f"{path}: rope_scaling must be an object or null, got {_json_type(value)}")
+
+
+def model_config_from_hf(directory: Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face MiniCPM directory's config.json.
+
+    Refused, with one line naming the file and the field: a file that is not UTF-8 JSON or not an
+    object; a model_type other than 'minicpm' or architectures without a MiniCPM class; a missing
+    required field (the shape and the muP multipliers scale_emb, dim_model_base, scale_depth: without
+    them it is not MiniCPM's function); a field of the wrong type, non-finite or out of range.
+    """
+    path = Path(directory) / CONFIG
+    hf = read_json_file(path)
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path}: {_json_type(hf)}, not a JSON object")
+    model_type, architectures = hf.get("model_type"), hf.get("architectures")
+    if model_type is None and architectures is None:
+        raise ConversionError(f"{path}: neither model_type nor architectures (expected model_type 'minicpm')")
+    if model_type is not None and model_type != "minicpm":
+        raise ConversionError(f"{path}: model_type {model_type!r} is not MiniCPM (expected 'minicpm'); megacpm "
+                              "converts MiniCPM directories only (a Llama-format export cannot be read back: "
+                              "its muP multipliers are folded into the weights)")
+    if architectures is not None:
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ConversionError(f"{path}: architectures must be an array of strings, got {architectures!r}")
+        if not any("MiniCPM" in a for a in architectures):
+            raise ConversionError(f"{path}: architectures {architectures} is not MiniCPM "
+                                  "(megacpm reads MiniCPM directories)")
+    missing = [k for k in REQUIRED_FIELDS if hf.get(k) is None]
     if missing:
-        raise ConversionError(f"{path}: missing {', '.join(missing)}")
+        mup = [k for k in missing if k in MUP_FIELDS]
+        why = (f" (MiniCPM's muP multipliers {', '.join(MUP_FIELDS)}: without them this is not a MiniCPM "
+               "config)") if mup else ""
+        raise ConversionError(f"{path}: missing {', '.join(missing)}{why}")
     fields = {k: hf[k] for k in SHARED_FIELDS if k in hf and hf[k] is not None}
+    for key, value in fields.items():
+        _check_field(path, key, value)
     fields.setdefault("num_key_value_heads", hf["num_attention_heads"])
     fields.setdefault("tie_word_embeddings", True)  # MiniCPMConfig's default
-    return config_from_dict({"model": fields}).model
+    try:
+        return config_from_dict({"model": fields}).model
+    except ConfigError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, llama: bool) -> Dict:
@@ -89,8 +171,15 @@ def _weight_files(directory: Path) -> Iterable[Path]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = directory / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            return [directory / name for name in sorted(set(weight_map.values()))]
+            content = read_json_file(index)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConversionError(f"{index}: needs a non-empty \"weight_map\" object (tensor name -> file)")
+            files = set(weight_map.values())
+            bad = sorted(repr(f) for f in files if not isinstance(f, str) or not f or "/" in f or f in (".", ".."))
+            if bad:
+                raise ConversionError(f"{index}: weight_map names {bad[0]}, not a file name in {directory}")
+            return [directory / name for name in sorted(files)]
         if (directory / single).is_file():
             return [directory / single]
     raise ConversionError(f"{directory}: no model.safetensors, pytorch_model.bin or their *.index.json")
@@ -103,10 +192,16 @@ def _read_file(path: Path) -> Dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file  # local: safetensors is optional for .bin directories
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign files: one line naming the file
-        raise ConversionError(f"{path}: cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConversionError(f"{path}: cannot be read ({type(exc).__name__}: {detail})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ConversionError(f"{path}: not a mapping of tensor names to tensors")
+    return tensors
 
 
 def expected_shapes(cfg: ModelConfig) -> Dict[str, torch.Size]:
@@ -114,26 +209,43 @@ def expected_shapes(cfg: ModelConfig) -> Dict[str, torch.Size]:
         return {name: p.shape for name, p in MiniCPM(cfg).named_parameters()}
 
 
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else HF_PREFIX + name
+
+
 def read_hf_weights(directory: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """The directory's tensors under megacpm names, fp32, checked against the config's shapes."""
+    """The directory's tensors under megacpm names, fp32, checked against the config's shapes: a
+    missing, unexpected, misshapen or non-floating tensor is one line naming it and its file."""
     directory = Path(directory)
     tensors: Dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
+    origin: Dict[str, Path] = {}
+    files = list(_weight_files(directory))
+    for path in files:
         for name, tensor in _read_file(path).items():
-            tensors[name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name] = tensor
+            name = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+            tensors[name], origin[name] = tensor, path
     shapes = expected_shapes(cfg)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some exports store the tied copy too
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer, not a weight
     missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
-    if missing or unexpected:
-        raise ConversionError(f"{directory}: tensors do not match config.json "
-                              f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                              f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+    where = files[0] if len(files) == 1 else directory
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConversionError(f"{where}: tensor {_hf_name(missing[0])} is missing{more}; "
+                              f"{CONFIG} implies {len(shapes)} tensors")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(f"{origin[unexpected[0]]}: unexpected tensor {_hf_name(unexpected[0])}{more}, "
+                              f"not part of the model {CONFIG} describes")
     for name, shape in shapes.items():
-        if tensors[name].shape != shape:
-            raise ConversionError(f"{directory}: {HF_PREFIX if name != 'lm_head.weight' else ''}{name} has shape "
-                                  f"{tuple(tensors[name].shape)}, config.json implies {tuple(shape)}")
+        tensor = tensors[name]
+        if tensor.shape != shape:
+            raise ConversionError(f"{origin[name]}: tensor {_hf_name(name)} has shape {tuple(tensor.shape)}, "
+                                  f"{CONFIG} implies {tuple(shape)}")
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{origin[name]}: tensor {_hf_name(name)} is {str(tensor.dtype).replace('torch.', '')}, "
+                                  "not a floating-point weight")
     return {name: tensors[name].float() for name in shapes}
 
 

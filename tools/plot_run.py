@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from megacpm.io.run_dir import METRICS_FILE
-from megacpm.plotting import pyplot, save_png
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry, when imported from its path
+
+from _entry import OneLineParser, run_tool  # noqa: E402
+from megacpm.io.errors import describe_decode_error, describe_os_error  # noqa: E402
+from megacpm.io.run_dir import METRICS_FILE  # noqa: E402
+from megacpm.plotting import pyplot, save_png  # noqa: E402
 
 Series = Tuple[List[int], List[float]]
 KEYS = ("loss", "eval_loss", "lr")
@@ -33,14 +37,16 @@ def read_series(metrics: Path) -> Dict[str, Series]:
     if not metrics.is_file():
         raise PlotError(f"{metrics}: no such file (is this a run directory?)")
     try:
-        lines = metrics.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlotError(f"{metrics}: cannot read: {exc}") from None
+        lines = metrics.read_bytes().decode("utf-8").splitlines()
+    except OSError as exc:
+        raise PlotError(describe_os_error(exc, metrics)) from None
+    except UnicodeDecodeError as exc:
+        raise PlotError(describe_decode_error(metrics, exc)) from None
     points: Dict[str, Dict[int, float]] = {key: {} for key in KEYS}
     for line in lines:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue  # a line torn by a crash mid-write
         if not isinstance(record, dict) or not _number(record.get("step")):
             continue
@@ -73,23 +79,27 @@ def plot(series: Dict[str, Series], title: str, output: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="plot_run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--output", type=Path, default=None, help="PNG path (default RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
     output = args.output or args.run_dir / "curves.png"
-    try:
-        series = read_series(args.run_dir / METRICS_FILE)
-    except PlotError as exc:
-        print(f"plot_run: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        plot(series, args.run_dir.resolve().name, output)
-    except OSError as exc:
-        print(f"plot_run: error: cannot write {output}: {exc}", file=sys.stderr)
-        return 1
-    print(output)
-    return 0
+
+    def body() -> int:
+        try:
+            series = read_series(args.run_dir / METRICS_FILE)
+        except PlotError as exc:
+            print(f"plot_run: error: {exc}", file=sys.stderr)
+            return 2
+        try:
+            plot(series, args.run_dir.resolve().name, output)
+        except OSError as exc:
+            print(f"plot_run: error: cannot write {describe_os_error(exc, output)}", file=sys.stderr)
+            return 1
+        print(output)
+        return 0
+
+    return run_tool("plot_run", body)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,12 @@ Why it is built this way: --workers N tokenizes in N processes (Pool.imap over c
 each process encodes one document at a time, on one core, so N alone sets the parallelism), and the
 parent writes the results in input order, so the output bytes do not depend on N. The writer
 streams tokens to a temporary file and renames both files into place at the end: a failed or
-interrupted run leaves nothing behind.
+interrupted run (Ctrl-C, SIGTERM) leaves nothing behind: the temporaries are removed and the tool
+says ``preprocess_data: error: interrupted; no output written``. An existing PREFIX.bin/.idx is
+replaced atomically, and only when the new one is complete (a failed run keeps the old one).
 
-Exit status: 0 done; 1 no usable document, an unreadable input or a write error; 2 bad arguments.
+Exit status: 0 done; 1 no usable document, an unreadable input or a write error; 2 bad arguments;
+130 Ctrl-C, 143 SIGTERM.
 Errors are one line: ``preprocess_data: error: ...``.
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -45,9 +49,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry, when imported from its path
 
 import numpy as np  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
+
+from _entry import OneLineParser, run_tool  # noqa: E402
 
 from megacpm.data import DataError, IndexedDatasetWriter  # noqa: E402
 from megacpm.data.corpus import read_utf8, split_documents  # noqa: E402
@@ -61,11 +68,6 @@ CHUNKSIZE = 32  # documents per worker task: amortises the pickling, still balan
 
 class UsageError(Exception):
     """A bad argument: reported as one line, exit status 2, nothing written."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def first_line(err: BaseException) -> str:
@@ -219,8 +221,10 @@ def encode_document(text: str) -> np.ndarray:
 
 
 def init_pool_worker(*worker_args) -> None:
-    # Ctrl-C is the parent's to handle (it stops the pool and discards the output): no traceback per worker.
+    # Ctrl-C and SIGTERM are the parent's to handle (it stops the pool and discards the output): no
+    # traceback per worker. The pool's own terminate() then ends a worker with SIGTERM's default.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     init_worker(*worker_args)
 
 
@@ -276,8 +280,18 @@ def check_args(args: argparse.Namespace) -> None:
         check_file("--input", path)
     check_file("--tokenizer", args.tokenizer)
     output_dir = Path(args.output_prefix).parent
+    ancestor = output_dir
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if os.path.lexists(ancestor) and not ancestor.is_dir():
+        raise UsageError(f"--output-prefix: {ancestor} is a file, not a directory")
     if not output_dir.is_dir():
         raise UsageError(f"--output-prefix: directory {output_dir} does not exist")
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-prefix: directory {output_dir} is not writable")
+    for path in (Path(f"{args.output_prefix}.bin"), Path(f"{args.output_prefix}.idx")):
+        if path.is_dir():
+            raise UsageError(f"--output-prefix: {path} is a directory")
     if args.workers < 1:
         raise UsageError(f"--workers: must be >= 1, got {args.workers}")
     if args.eod_id is not None and args.eod_id < 0:
@@ -315,19 +329,15 @@ def preprocess(args: argparse.Namespace) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
+    def body() -> int:
         check_args(args)
         print(preprocess(args))
-    except UsageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as err:  # OSError: a write failed (disk full, permissions)
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted, nothing written", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    # OSError: a write failed (disk full, permissions), as `PATH: cause`. SIGTERM, like Ctrl-C,
+    # unwinds through the writer, which removes its temporaries: no output.
+    return run_tool(PROG, body, {UsageError: 2, DataError: 1}, interrupted="interrupted; no output written",
+                    sigterm=True)
 
 
 if __name__ == "__main__":

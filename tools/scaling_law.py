@@ -22,6 +22,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry, when imported from its path
+
+from _entry import run_tool  # noqa: E402
+from megacpm.io.errors import describe_decode_error, describe_os_error  # noqa: E402
 from megacpm.plotting import pyplot, save_png
 from megacpm.scaling.laws import PAPER_DATA_MODEL_LAW, DataModelLaw, FitError, fit_data_model_law
 
@@ -37,8 +41,12 @@ def read_points(path: Path) -> Tuple[List[float], List[float], List[float]]:
     if not path.is_file():
         raise ToolError(f"{path}: no such file")
     try:
-        rows = list(csv.DictReader(io.StringIO(path.read_text())))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        rows = list(csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"))))
+    except OSError as exc:
+        raise ToolError(describe_os_error(exc, path)) from None
+    except UnicodeDecodeError as exc:
+        raise ToolError(describe_decode_error(path, exc)) from None
+    except csv.Error as exc:
         raise ToolError(f"{path}: cannot read as CSV: {exc}") from None
     header = set(rows[0]) if rows else set()
     missing = [c for c in COLUMNS if c not in header]
@@ -149,11 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ToolError as exc:
-        print(f"scaling_law: error: {exc}", file=sys.stderr)
-        return 2
+    return run_tool("scaling_law", lambda: args.func(args), {ToolError: 2})
 
 
 if __name__ == "__main__":

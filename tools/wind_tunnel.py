@@ -34,6 +34,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry, when imported from its path
+
+from _entry import run_tool  # noqa: E402
 from megacpm.config import ConfigError, load_config, validate
 from megacpm.io.atomic import write_text_atomic
 from megacpm.io.run_dir import read_metrics
@@ -343,11 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ToolError, SweepError) as exc:
-        print(f"wind_tunnel: error: {exc}", file=sys.stderr)
-        return 2
+    return run_tool("wind_tunnel", lambda: args.func(args), {ToolError: 2, SweepError: 2, ConfigError: 2})
 
 
 if __name__ == "__main__":

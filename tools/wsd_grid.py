@@ -43,12 +43,16 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry, when imported from its path
+
+from _entry import run_tool  # noqa: E402
 
 from megacpm.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
 from megacpm.checkpoint.branch import create_branch, resolve_checkpoint  # noqa: E402
 from megacpm.config import Config, ConfigError, dump_yaml, load_config, validate  # noqa: E402
 from megacpm.config.schema import DECAY_SHAPES  # noqa: E402
 from megacpm.io.atomic import write_text_atomic  # noqa: E402
+from megacpm.io.errors import describe_decode_error, describe_os_error  # noqa: E402
 from megacpm.io.run_dir import CONFIG_FILE, LINEAGE_FILE, checkpoints_dir, read_metrics, step_dir_name  # noqa: E402
 from megacpm.model import count_parameters  # noqa: E402
 from megacpm.optim.schedule import LRSchedule  # noqa: E402
@@ -152,7 +156,14 @@ def existing_branch(directory: Path, step: int, overrides: List[str]) -> Config:
     lineage_path = directory / LINEAGE_FILE
     if not lineage_path.is_file():
         raise ToolError(f"{directory}: exists and is not a branch (no {LINEAGE_FILE}); use another --out")
-    lineage = json.loads(lineage_path.read_text())
+    try:
+        lineage = json.loads(lineage_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ToolError(f"{describe_decode_error(lineage_path, exc)}; use another --out or remove it") from None
+    except json.JSONDecodeError as exc:
+        raise ToolError(f"{lineage_path}: not valid JSON ({exc.msg}); use another --out or remove it") from None
+    if not isinstance(lineage, dict):
+        raise ToolError(f"{lineage_path}: not a JSON object; use another --out or remove it")
     if lineage.get("step") != step or lineage.get("overrides") != overrides:
         # Reusing it would put a point with another decay (or parent step) under this one's name.
         raise ToolError(f"{directory}: exists as a branch of step {lineage.get('step')} with overrides "
@@ -266,9 +277,13 @@ def merge_rows(path: Path, points: Sequence[Point]) -> str:
     fields = list(COLUMNS)
     if path.exists():
         try:
-            reader = csv.DictReader(io.StringIO(path.read_text()))
+            reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8")))
             rows = list(reader)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        except OSError as exc:
+            raise ToolError(describe_os_error(exc, path)) from None
+        except UnicodeDecodeError as exc:
+            raise ToolError(describe_decode_error(path, exc)) from None
+        except csv.Error as exc:
             raise ToolError(f"{path}: cannot read as CSV: {exc}") from None
         header = reader.fieldnames or []
         if header and not all(c in header for c in ("N", "D", "loss")):
@@ -319,7 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Absolute paths: the CSV's `run` column names a branch the same way from any working directory.
     out = Path(os.path.abspath(args.out)) if args.out is not None else run.with_name(run.name + "-wsd")
     csv_path = args.csv if args.csv is not None else out / "points.csv"
-    try:
+
+    def body() -> int:
         if args.threads is not None and args.threads < 1:
             raise ToolError(f"--threads: must be positive, got {args.threads}")
         branches = plan_branches(run, args.at, args.decay_frac, args.decay, out,
@@ -335,13 +351,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"--csv {csv_path}")
         else:
             print("no finished branch yet" + ("" if args.train else "; train them with --run"))
-    except (ToolError, ConfigError, CheckpointError) as exc:
-        print(f"wsd_grid: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("wsd_grid: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 1 if failed else 0
+        return 1 if failed else 0
+
+    return run_tool("wsd_grid", body, {ToolError: 2, ConfigError: 2, CheckpointError: 2},
+                    interrupted="interrupted; run the same command again to resume")
 
 
 if __name__ == "__main__":

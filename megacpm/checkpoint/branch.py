@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
-from megacpm.checkpoint.manager import CheckpointError, latest_checkpoint, read_trainer_state
+import yaml
+
+from megacpm.checkpoint.manager import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
+from megacpm.io.errors import describe_decode_error, os_error_cause
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, TRAINER_STATE_FILE,
-                                checkpoint_step, checkpoints_dir, read_metrics)
+                                METRICS_FILE, checkpoint_step, checkpoints_dir)
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -56,10 +60,58 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
                 shutil.copy2(src, dst)
 
 
+# Model fields a branch may change although they are in SHAPE_FIELDS: none yet. A branch continues
+# the checkpoint's weights, so every tensor keeps its shape. Later issues add documented shape changes
+# (e.g. MoE upcycling: a dense FFN copied into experts) here, each with the code that maps the weights.
+ALLOWED_SHAPE_CHANGES: frozenset = frozenset()
+
+
+def _override_spelling(key: str, overrides: Iterable[str]) -> str:
+    for override in overrides:
+        if override.lstrip("-").split("=", 1)[0] == f"model.{key}":
+            return override
+    return f"model.{key}"
+
+
+def check_branch_shape(checkpoint: Path, meta: Dict, config_yaml: str, overrides: Iterable[str]) -> None:
+    """Refuse a branch whose model shape differs from the checkpoint's (SHAPE_FIELDS, less the
+    explicit ALLOWED_SHAPE_CHANGES): its weights could never load. One line naming the key, the
+    checkpoint's value and the new one."""
+    saved = meta.get("model")
+    try:
+        new = (yaml.safe_load(config_yaml) or {}).get("model") or {}
+    except (yaml.YAMLError, AttributeError):
+        raise CheckpointError("the branch's config is not a YAML mapping") from None
+    if not isinstance(saved, dict) or not isinstance(new, dict):
+        return  # an older checkpoint without its shape: the load's own check speaks at train time
+    for key in SHAPE_FIELDS:
+        if key in ALLOWED_SHAPE_CHANGES or key not in saved or key not in new:
+            continue
+        if saved[key] != new[key]:
+            raise CheckpointError(
+                f"{_override_spelling(key, overrides)}: the checkpoint {checkpoint} has model.{key} = {saved[key]!r}, "
+                f"the branch asks for {new[key]!r}; a branch continues the checkpoint's weights, so the model's "
+                f"shape ({', '.join(SHAPE_FIELDS)}) cannot change")
+
+
 def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: Iterable[str]) -> Path:
-    """Assemble the branch run directory ``new_run`` from ``checkpoint`` (see the module docstring)."""
+    """Assemble the branch run directory ``new_run`` from ``checkpoint`` (see the module docstring).
+
+    Refused before anything is written: an unusable checkpoint, an existing ``new_run``, and a
+    config that changes the model's shape (check_branch_shape). What branching is for (schedule,
+    optim.lr, the data mixture, train.steps, ...) may change freely."""
     checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
-    meta = read_trainer_state(checkpoint)  # refuses an incomplete or foreign checkpoint first
+    overrides = list(overrides)
+    try:
+        meta = read_trainer_state(checkpoint)  # refuses an incomplete or foreign checkpoint first
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(describe_decode_error(checkpoint / TRAINER_STATE_FILE, exc)) from None
+    except AttributeError:  # valid JSON, but not an object
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE_FILE}: not a JSON object (corrupted checkpoint)") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "tokens", "consumed_samples")):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE_FILE}: needs integer step, tokens and consumed_samples "
+                              "(corrupted checkpoint)")
+    check_branch_shape(checkpoint, meta, config_yaml, overrides)
     if new_run.exists():
         raise CheckpointError(f"{new_run}: already exists; a branch is created in a new directory")
     if checkpoint_step(checkpoint) is None:
@@ -86,28 +138,84 @@ class RunSummary:
     tokens: Optional[int]
     last_loss: Optional[float]
     last_eval_loss: Optional[float]
+    problems: Tuple[str, ...] = ()  # state files that could not be read, e.g. "lineage unreadable: ..."
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _last_metrics(run: Path) -> Dict[str, float]:
+    """The last loss, eval_loss and tokens of RUN/metrics.jsonl. Read line by line as bytes: a line
+    torn by a crash, or one that is not UTF-8 or not a JSON object, is skipped and the rest shown."""
     found: Dict[str, float] = {}
-    for record in read_metrics(run):
-        for key in ("loss", "eval_loss", "tokens"):
-            if key in record:
-                found[key] = record[key]
+    path = run / METRICS_FILE
+    if not path.is_file():
+        return found
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                continue
+            if not isinstance(record, dict):
+                continue
+            for key in ("loss", "eval_loss", "tokens"):
+                if _number(record.get(key)) and math.isfinite(record[key]):
+                    found[key] = record[key]
     return found
 
 
+def _unreadable(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 (byte at offset {exc.start})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON ({exc.msg} at line {exc.lineno})"
+    if isinstance(exc, OSError):
+        return os_error_cause(exc)
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def read_lineage(run: Path) -> Optional[Dict]:
+    """RUN/lineage.json as {"parent_run": str, "step": int, ...}; None when the run is not a branch.
+    A file that cannot be used raises ValueError (the reason)."""
+    path = run / LINEAGE_FILE
+    if not path.is_file():
+        return None
+    lineage = json.loads(path.read_bytes().decode("utf-8"))
+    if not isinstance(lineage, dict):
+        raise ValueError(f"a JSON {type(lineage).__name__}, not an object")
+    if not isinstance(lineage.get("parent_run"), str) or not lineage["parent_run"]:
+        raise ValueError("no parent_run")
+    if not isinstance(lineage.get("step"), int) or isinstance(lineage.get("step"), bool):
+        raise ValueError("no integer step")
+    return lineage
+
+
 def summarize_run(run: Path) -> RunSummary:
-    lineage_path = run / LINEAGE_FILE
-    lineage = json.loads(lineage_path.read_text()) if lineage_path.is_file() else {}
+    """What ``megacpm runs`` shows of one run. It degrades, never fails: a state file that cannot be
+    read (corrupt lineage.json, binary bytes in metrics.jsonl, a dangling latest) is named in
+    ``problems`` and the rest is shown."""
+    problems: List[str] = []
+    try:
+        lineage = read_lineage(run)
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        lineage = None
+        problems.append(f"lineage unreadable: {_unreadable(exc)}")
     try:
         latest = latest_checkpoint(run)
-    except CheckpointError:
+    except (CheckpointError, OSError, ValueError):
         latest = None
+        problems.append("checkpoints/latest unreadable")
     step = checkpoint_step(latest) if latest is not None else None
-    metrics = _last_metrics(run)
-    return RunSummary(run, Path(lineage["parent_run"]).resolve() if lineage else None, lineage.get("step"),
-                      step, metrics.get("tokens"), metrics.get("loss"), metrics.get("eval_loss"))
+    try:
+        metrics = _last_metrics(run)
+    except (OSError, ValueError, RecursionError) as exc:
+        metrics = {}
+        problems.append(f"metrics unreadable: {_unreadable(exc)}")
+    parent = Path(lineage["parent_run"]).resolve() if lineage else None
+    return RunSummary(run, parent, lineage.get("step") if lineage else None, step, metrics.get("tokens"),
+                      metrics.get("loss"), metrics.get("eval_loss"), tuple(problems))
 
 
 def find_runs(root: Path) -> List[RunSummary]:
@@ -137,6 +245,7 @@ def format_tree(root: Path, runs: List[RunSummary]) -> str:
         if run.branched_at is not None:
             origin = "" if run.parent in known else f" of {run.parent}"
             parts.append(f"branched at step {run.branched_at}{origin}")
+        parts.extend(run.problems)
         return f"{name}  ({', '.join(parts)})"
 
     lines: List[str] = []

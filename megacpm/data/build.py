@@ -27,7 +27,8 @@ from megacpm.data.embedded import embedded_corpus
 from megacpm.data.errors import DataError
 from megacpm.data.blending import BlendedDataset
 from megacpm.data.gpt_dataset import GPTSampleDataset
-from megacpm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab, index_path
+from megacpm.data.indexed_dataset import (IndexedDataset, IndexedDatasetWriter, check_token_ids, dtype_for_vocab,
+                                          index_path)
 from megacpm.data.tokenizer import LoadedTokenizer, id_space_size, load_given_tokenizer, load_or_train_tokenizer
 
 
@@ -130,22 +131,12 @@ def validation_doc_ids(doc_lengths: np.ndarray, val_fraction: float) -> np.ndarr
     return held_out_doc_ids(doc_lengths, val_fraction)[0]
 
 
-def _check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
-    """Refuse token ids the model cannot embed (one pass over the corpus, in chunks)."""
-    if np.iinfo(tokens.dtype).max < vocab_size:
-        return  # the dtype cannot hold an id that large
-    for start in range(0, len(tokens), chunk):
-        top = int(tokens[start:start + chunk].max())
-        if top >= vocab_size:
-            raise DataError(f"{where}: holds token id {top}, outside model.vocab_size {vocab_size}")
-
-
 def _indexed_splits(prefix: str, data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int,
                     description: Optional[str] = None):
     """(train, valid, test or None) sample streams of one Megatron indexed dataset, used in place."""
     corpus = IndexedDataset(prefix)
     tokens = corpus.tokens
-    _check_token_ids(tokens, vocab_size, f"{prefix}.bin")
+    check_token_ids(tokens, vocab_size, f"{prefix}.bin")
     starts, lengths = corpus.document_spans()
     if len(starts) < 2:
         raise DataError(

@@ -2,7 +2,7 @@
 
 Also the ``source: text`` corpus. ``data.path`` is either
 
-* a UTF-8 text file, split into documents at runs of two or more blank lines (a single blank line
+* a UTF-8 text file (strictly: a non-UTF-8 byte is an error naming the file and offset), split into documents at runs of two or more blank lines (a single blank line
   is a paragraph break inside a document), or
 * a directory: every ``*.txt`` and ``*.md`` file below it (recursively, in sorted order) is one
   document.
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, List, Sequence
 
 from megacpm.data.errors import DataError
+from megacpm.io.errors import describe_decode_error, describe_os_error
 
 TEXT_SUFFIXES = (".txt", ".md")
 
@@ -45,12 +46,15 @@ def file_fingerprint(files: Sequence[Path], root: Path, with_mtime: bool) -> str
 
 
 def read_utf8(path: Path, config_key: str) -> str:
+    """A text file's content, strictly UTF-8: a byte that is not is a DataError naming the file and
+    the offset (``data.path: /x.txt: not UTF-8 text (byte 0xff at offset 12)``), not a lenient decode
+    that would silently train on replacement characters."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{config_key}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{config_key}: {describe_decode_error(path, err)}") from None
     except OSError as err:
-        raise DataError(f"{config_key}: cannot read {path}: {err.strerror or err}") from None
+        raise DataError(f"{config_key}: {describe_os_error(err, path)}") from None
 
 
 def split_documents(text: str) -> List[str]:

@@ -49,6 +49,10 @@ DTYPE_CODES = {
     8: np.dtype(np.uint16),
 }
 CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
+# Token ids are integers: a float corpus is refused when opened. Signed integer corpora are read (Megatron
+# itself writes int32 for vocabularies over 65,500, and so does the writer here past 65,536), and
+# check_token_ids refuses a negative id in them before training.
+TOKEN_DTYPE_KINDS = "ui"
 
 # Vocabularies up to this size store their token ids as uint16, larger ones as int32.
 UINT16_VOCAB_LIMIT = 1 << 16
@@ -108,6 +112,9 @@ class _Index:
             raise DataError(f"{path}: unsupported index version {version} (megacpm reads version {VERSION})")
         if code not in DTYPE_CODES:
             raise DataError(f"{path}: unknown dtype code {code} (known: {', '.join(map(str, DTYPE_CODES))})")
+        if DTYPE_CODES[code].kind not in TOKEN_DTYPE_KINDS:
+            raise DataError(f"{path}: dtype code {code} ({DTYPE_CODES[code]}) is not an integer type: token ids "
+                            "are integers (a corpus is uint16, or int32 for vocabularies over 65,536)")
         self.dtype = DTYPE_CODES[code]
         self._check_size(size, num_sequences, num_doc_indices)
 
@@ -119,6 +126,7 @@ class _Index:
         self.sequence_pointers = raw[lengths_end:pointers_end].view(POINTER_DTYPE)
         self.document_indices = raw[pointers_end:].view(POINTER_DTYPE)
         self._check_document_indices()
+        self._check_sequences()
 
     def _check_size(self, size: int, num_sequences: int, num_doc_indices: int) -> None:
         expected = (
@@ -145,11 +153,56 @@ class _Index:
                 f"{self.path}: document indices must run from 0 to the sequence count {count}, got {shown}"
             )
 
+    def _check_sequences(self, chunk: int = 1 << 22) -> None:
+        """Every sequence length >= 0 and the sequences back to back from byte 0 (how every writer of
+        the format lays them out, and what document_spans relies on): one vectorised pass, in chunks."""
+        lengths, pointers, itemsize = self.sequence_lengths, self.sequence_pointers, self.dtype.itemsize
+        expected_start = 0
+        for start in range(0, len(lengths), chunk):
+            part = lengths[start:start + chunk].astype(np.int64)
+            if len(part) and part.min() < 0:
+                i = start + int(np.argmax(part < 0))
+                raise DataError(f"{self.path}: sequence {i} has a negative length {int(lengths[i])}")
+            expected = expected_start + np.concatenate([[0], np.cumsum(part[:-1])]) * itemsize
+            wrong = np.flatnonzero(pointers[start:start + chunk] != expected)
+            if len(wrong):
+                i = start + int(wrong[0])
+                raise DataError(f"{self.path}: sequence {i} starts at byte {int(pointers[i])}, expected "
+                                f"{int(expected[wrong[0]])} (the sequences must lie back to back in the .bin)")
+            expected_start = int(expected[-1]) + int(part[-1]) * itemsize if len(part) else expected_start
+        steps = np.diff(self.document_indices)
+        if len(steps) and steps.min() < 0:
+            d = int(np.argmax(steps < 0))
+            raise DataError(f"{self.path}: document indices decrease at document {d} "
+                            f"({int(self.document_indices[d])} then {int(self.document_indices[d + 1])})")
+
     def data_bytes(self) -> int:
         """Size the .bin file must have: the end of the last sequence."""
         if len(self.sequence_lengths) == 0:
             return 0
         return int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str, chunk: int = 1 << 26) -> None:
+    """Refuse token ids the model cannot embed, outside [0, vocab_size): one pass over the tokens, in
+    chunks. Both ends are checked whatever the dtype (a signed corpus can hold negative ids, which an
+    embedding would read from the end of its table or refuse mid-run)."""
+    if tokens.dtype.kind not in TOKEN_DTYPE_KINDS:
+        raise DataError(f"{where}: token ids are {tokens.dtype}, not integers")
+    info = np.iinfo(tokens.dtype)
+    check_low, check_high = info.min < 0, info.max >= vocab_size
+    if not (check_low or check_high):
+        return  # every value the dtype can hold is a valid id
+    for start in range(0, len(tokens), chunk):
+        part = tokens[start:start + chunk]
+        if not len(part):
+            continue
+        low, high = int(part.min()), int(part.max())
+        if (check_low and low < 0) or (check_high and high >= vocab_size):
+            bad = low if low < 0 else high
+            offset = start + int(np.argmax(part == bad))
+            raise DataError(f"{where}: holds token id {bad} (token {offset:,}), outside model.vocab_size "
+                            f"{vocab_size} (ids must be in [0, {vocab_size}))")
 
 
 class IndexedDataset:

@@ -5,10 +5,11 @@ import json
 
 import pytest
 
+from megacpm.checkpoint import CheckpointError
+from megacpm.checkpoint.branch import check_branch_shape, find_runs, format_tree
 from tests.support import run_cli
 from tests.train.test_training_run import SMALL, losses
 
-pytestmark = pytest.mark.slow
 PARENT = [*SMALL, "--schedule.kind=constant", "--schedule.warmup_steps=0", "--checkpoint.interval=2", "--checkpoint.keep=2",
           "--train.log_interval=1", "--train.eval_interval=100"]
 
@@ -24,6 +25,7 @@ def train(*args):
     return result
 
 
+@pytest.mark.slow
 def test_branch_decays_from_a_stable_checkpoint(tmp_path, data_cache):
     parent, branch = tmp_path / "stable", tmp_path / "decay-from-4"
     train("tiny", f"--run.dir={parent}", f"--data.cache_dir={data_cache}", "--train.steps=6", *PARENT)
@@ -65,3 +67,42 @@ def test_branch_refuses_bad_sources_with_one_line(tmp_path):
     result = run_cli("branch", tmp_path / "nothing", tmp_path / "b")
     assert result.returncode == 1 and "neither a run directory" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "b").exists()
+
+
+SAVED_SHAPE = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 101, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize("key, new", [("hidden_size", 128), ("intermediate_size", 100), ("num_hidden_layers", 4),
+                                      ("num_attention_heads", 8), ("num_key_value_heads", 4), ("vocab_size", 202),
+                                      ("tie_word_embeddings", False)])
+def test_a_branch_cannot_change_the_model_shape(tmp_path, key, new):
+    config_yaml = json.dumps({"model": {**SAVED_SHAPE, key: new}, "optim": {"lr": 0.001}})  # JSON is YAML
+    with pytest.raises(CheckpointError) as info:
+        check_branch_shape(tmp_path / "step_4", {"model": SAVED_SHAPE}, config_yaml, [f"--model.{key}={new}"])
+    message = str(info.value)
+    assert message.startswith(f"--model.{key}={new}: ") and f"model.{key} = {SAVED_SHAPE[key]!r}" in message
+    assert f"asks for {new!r}" in message and "\n" not in message
+
+
+def test_a_branch_may_change_what_branching_is_for(tmp_path):
+    config_yaml = json.dumps({"model": {**SAVED_SHAPE, "scale_emb": 10.0, "dropout": 0.1},
+                              "optim": {"lr": 0.001}, "schedule": {"kind": "wsd"}, "train": {"steps": 99},
+                              "data": {"mixture": {"/a": 0.5, "/b": 0.5}}})
+    check_branch_shape(tmp_path / "step_4", {"model": SAVED_SHAPE}, config_yaml, ["--optim.lr=0.001"])
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b'{"parent_run": "/x", "st', "not valid JSON"), (b"\xff\xfe\x00", "not UTF-8"),
+    (b'"a string"', "a JSON str, not an object"), (b'{"parent_run": "/x"}', "no integer step"),
+    (b'{"step": 2}', "no parent_run"),
+])
+def test_runs_lists_a_run_whose_lineage_is_unreadable(tmp_path, content, reason):
+    for name in ("parent", "child"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("run: {}\n")
+    (tmp_path / "child" / "lineage.json").write_bytes(content)
+    (tmp_path / "child" / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 3.0}\n\xff\n[1]\n{"step": 2, "loss": 2.0}\n')
+    lines = format_tree(tmp_path, find_runs(tmp_path)).splitlines()
+    assert lines[0].startswith("child  (no checkpoint, loss 2.0000, lineage unreadable: ") and reason in lines[0]
+    assert lines[1] == "parent  (no checkpoint)"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from megacpm.data import DataError, IndexedDataset, IndexedDatasetWriter
+from megacpm.data.indexed_dataset import check_token_ids
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPE_CODE = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
@@ -149,3 +150,42 @@ def test_malformed_inputs_raise_data_error_naming_the_file(tmp_path, damage, fil
         IndexedDataset(prefix)
     assert str(tmp_path / f"ds.{file}") in str(info.value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("code, name", [(6, "float64"), (7, "float32")])
+def test_a_float_dtype_code_is_refused_when_opening(tmp_path, code, name):
+    prefix = write_reference(tmp_path / "ds", [[[1, 2, 3, 4]]], np.uint16, code=code)
+    with pytest.raises(DataError, match=rf"ds\.idx: dtype code {code} \({name}\) is not an integer type"):
+        IndexedDataset(prefix)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # the second sequence's length (int32 at byte 34 + 4) made negative
+    (lambda d: d.__setitem__(slice(38, 42), struct.pack("<i", -1)), "sequence 1 has a negative length -1"),
+    # the second sequence's pointer (int64 after the 3 lengths) moved off the back-to-back layout
+    (lambda d: d.__setitem__(slice(34 + 12 + 8, 34 + 12 + 16), struct.pack("<q", 2)),
+     "sequence 1 starts at byte 2, expected 6"),
+])
+def test_sequence_layout_is_checked_when_opening(tmp_path, edit, message):
+    prefix = write_reference(tmp_path / "ds", [[[1, 2, 3]], [[4], [5, 6]]], np.uint16)
+    corrupt(tmp_path / "ds.idx", edit)
+    with pytest.raises(DataError, match=message) as info:
+        IndexedDataset(prefix)
+    assert str(tmp_path / "ds.idx") in str(info.value)
+
+
+@pytest.mark.parametrize("dtype, ids, vocab, bad", [
+    (np.int32, [1, 2, -7, 3], 100, -7),  # the max alone passed this: the class of signed corpora
+    (np.int8, [1, -1, 2], 1000, -1),  # int8 cannot exceed 1000: the check used to stop there
+    (np.int32, [1, 2, 100], 100, 100),
+    (np.uint16, [1, 2, 300], 256, 300),
+])
+def test_token_ids_outside_the_vocabulary_are_refused(dtype, ids, vocab, bad):
+    with pytest.raises(DataError, match=rf"c\.bin: holds token id {bad} \(token {ids.index(bad)}\), "
+                                        rf"outside model\.vocab_size {vocab}"):
+        check_token_ids(np.asarray(ids, dtype=dtype), vocab, "c.bin", chunk=2)
+
+
+def test_token_ids_inside_the_vocabulary_pass():
+    check_token_ids(np.asarray([0, 65535], dtype=np.uint16), 65536, "c.bin")  # nothing to check
+    check_token_ids(np.asarray([0, 5, 99], dtype=np.int32), 100, "c.bin", chunk=2)

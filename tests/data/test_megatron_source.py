@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from megacpm.config import load_config
-from megacpm.data import IndexedDatasetWriter, build_datasets, get_batch
+from megacpm.data import DataError, IndexedDatasetWriter, build_datasets, get_batch
 from tests.support import run_cli
 from tests.train.test_training_run import losses
 
@@ -50,6 +50,20 @@ def test_out_of_vocabulary_ids_are_one_clear_error(tmp_path):
     cfg = config(tmp_path / "corpus")
     with pytest.raises(Exception, match="outside model.vocab_size 256"):
         build_datasets(cfg.data, vocab_size=256, seq_len=32, seed=1)
+
+
+def test_negative_token_ids_are_one_clear_error(tmp_path):
+    """An int32 corpus (a vocabulary over 65,536) can hold negative ids: refused before training."""
+    with IndexedDatasetWriter(tmp_path / "corpus", vocab_size=70_000) as writer:
+        for _ in range(10):
+            writer.add_document(np.arange(1, 50))
+    path = tmp_path / "corpus.bin"
+    tokens = np.fromfile(path, dtype=np.int32)
+    tokens[60] = -3
+    tokens.tofile(path)
+    cfg = config(tmp_path / "corpus")
+    with pytest.raises(DataError, match=r"corpus\.bin: holds token id -3 \(token 60\), outside model\.vocab_size"):
+        build_datasets(cfg.data, vocab_size=70_000, seq_len=32, seed=1)
 
 
 @pytest.mark.slow

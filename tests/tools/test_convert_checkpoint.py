@@ -21,6 +21,7 @@ from megacpm.data.batch import Batch
 from megacpm.model import MiniCPM
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.train_module import TrainModule
+from megacpm.huggingface import ConversionError, model_config_from_hf, read_hf_weights
 from tests.distributed import run_distributed
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
@@ -137,4 +138,93 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert "layers.1.mlp.up_proj.weight" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
     result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "nothing", "--output", tmp_path / "run")
+    assert result.returncode == 2 and "--input: " in result.stderr and "nothing: no such directory" in result.stderr
+    (tmp_path / "empty").mkdir()
+    result = convert("--from", "hf", "--to", "megacpm", "--input", tmp_path / "empty", "--output", tmp_path / "run")
     assert result.returncode == 1 and "config.json: missing" in result.stderr
+
+
+def _config_json(tmp_path, edit):
+    write_hf(tmp_path / "hf", tied=True)
+    path = tmp_path / "hf" / "config.json"
+    config = json.loads(path.read_text())
+    result = edit(config)
+    path.write_bytes(result if isinstance(result, bytes) else json.dumps(config).encode())
+    return tmp_path / "hf"
+
+
+def _drop(key):
+    return lambda c: c.pop(key) and None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(model_type="llama", architectures=["LlamaForCausalLM"]),
+     "model_type 'llama' is not MiniCPM (expected 'minicpm')"),
+    (lambda c: c.update(model_type="gpt2"), "model_type 'gpt2' is not MiniCPM"),
+    (lambda c: c.update(architectures=["MistralForCausalLM"]), "architectures ['MistralForCausalLM'] is not MiniCPM"),
+    (lambda c: [c.pop("model_type"), c.pop("architectures")] and None, "neither model_type nor architectures"),
+    (_drop("scale_emb"), "missing scale_emb (MiniCPM's muP multipliers"),
+    (_drop("dim_model_base"), "missing dim_model_base"),
+    (_drop("scale_depth"), "missing scale_depth"),
+    (_drop("vocab_size"), "missing vocab_size"),
+    (lambda c: b"{not json", "not valid JSON (Expecting property name"),
+    (lambda c: b"[1, 2]", "an array, not a JSON object"),
+    (lambda c: b'{"a": "\xff"}'.replace(b"\\xff", b"\xff"), "not UTF-8 text (byte 0xff at offset 7)"),
+    (lambda c: c.update(hidden_size="64"), "hidden_size must be an integer, got a string ('64')"),
+    (lambda c: c.update(num_hidden_layers=True), "num_hidden_layers must be an integer, got a boolean"),
+    (lambda c: c.update(vocab_size=0), "vocab_size must be >= 1, got 0"),
+    (lambda c: c.update(scale_depth=float("nan")), "scale_depth must be finite, got nan"),
+    (lambda c: c.update(scale_emb=-1.0), "scale_emb must be > 0"),
+    (lambda c: c.update(tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
+])
+def test_config_json_refusals_name_the_file_and_field(tmp_path, edit, message):
+    directory = _config_json(tmp_path, edit)
+    with pytest.raises(ConversionError) as info:
+        model_config_from_hf(directory)
+    text = str(info.value)
+    assert text.startswith(f"{directory / 'config.json'}: ") and message in text and "\n" not in text
+
+
+def test_weight_refusals_name_the_file_and_tensor(tmp_path):
+    tensors = write_hf(tmp_path / "hf", tied=True)
+    cfg = model_config_from_hf(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    save_file({**tensors, "model.norm.weight": torch.zeros(3)}, str(weights))
+    with pytest.raises(ConversionError, match=r"model\.safetensors: tensor model\.norm\.weight has shape \(3,\), "
+                                              r"config\.json implies \(64,\)"):
+        read_hf_weights(tmp_path / "hf", cfg)
+    save_file({**tensors, "model.norm.weight": torch.ones(64, dtype=torch.int32)}, str(weights))
+    with pytest.raises(ConversionError, match=r"tensor model\.norm\.weight is int32, not a floating-point weight"):
+        read_hf_weights(tmp_path / "hf", cfg)
+    save_file({**tensors, "model.extra.weight": torch.ones(2)}, str(weights))
+    with pytest.raises(ConversionError, match=r"model\.safetensors: unexpected tensor model\.extra\.weight"):
+        read_hf_weights(tmp_path / "hf", cfg)
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ConversionError, match=r"model\.safetensors: cannot be read"):
+        read_hf_weights(tmp_path / "hf", cfg)
+    weights.unlink()
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../x"}}))
+    with pytest.raises(ConversionError, match=r"index\.json: weight_map names '\.\./x'"):
+        read_hf_weights(tmp_path / "hf", cfg)
+
+
+def test_output_is_atomic_on_sigterm(tmp_path):
+    """SIGTERM while the run is being written: no output, no temporary, one line."""
+    write_hf(tmp_path / "hf", tied=True)
+    code = (f"import os, signal, sys; sys.argv = ['convert_checkpoint'] + sys.argv[1:]; "
+            f"sys.path.insert(0, {str(TOOL.parent)!r}); import convert_checkpoint as c; "
+            "real = c.atomic_directory\n"
+            "import contextlib\n"
+            "@contextlib.contextmanager\n"
+            "def killed(final):\n"
+            "    with real(final) as tmp:\n"
+            "        yield tmp\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "c.atomic_directory = killed\n"
+            "sys.exit(c.main())")
+    result = subprocess.run([sys.executable, "-c", code, "--from", "hf", "--to", "megacpm", "--input",
+                             str(tmp_path / "hf"), "--output", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip() == "convert_checkpoint: error: interrupted; no output written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

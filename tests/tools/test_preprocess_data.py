@@ -193,3 +193,36 @@ def test_bad_arguments_are_one_line_and_write_nothing(tool, inputs, tmp_path, ca
     status, out, err = run_main(tool, capsys, [*arguments, "--output-prefix", tmp_path / "ds"])
     assert out == ""
     assert_one_line_error(status, err, tmp_path, 2, message)
+
+
+def test_output_prefix_under_a_file_is_one_line(tool, inputs, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    status, out, err = run_main(tool, capsys, [*both_inputs(inputs[0]), "--output-prefix", tmp_path / "a-file" / "sub" / "ds"])
+    assert status == 2 and err.strip().splitlines() == [f"preprocess_data: error: --output-prefix: {tmp_path / 'a-file'} "
+                                                        "is a file, not a directory"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_an_existing_output_is_replaced_only_by_a_complete_one(tool, inputs, tmp_path, capsys):
+    root = inputs[0]
+    status, _, err = run_main(tool, capsys, ["--input", root / "docs.txt", "--tokenizer", root / "tokenizer.json",
+                                             "--output-prefix", tmp_path / "ds"])
+    assert status == 0, err
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    status, _, err = run_main(tool, capsys, ["--input", root / "unusable.jsonl", "--tokenizer",
+                                             root / "tokenizer.json", "--output-prefix", tmp_path / "ds"])
+    assert status == 1 and "no usable document" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the failed run kept the old one
+    status, _, err = run_main(tool, capsys, [*both_inputs(root), "--output-prefix", tmp_path / "ds"])
+    assert status == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.bin", "ds.idx"]
+    assert len(IndexedDataset(tmp_path / "ds")) == len(ALL_DOCS)
+
+
+def test_ctrl_c_leaves_nothing_and_says_so(tool, inputs, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tool.IndexedDatasetWriter, "add_document", interrupted)
+    status, out, err = run_main(tool, capsys, [*both_inputs(inputs[0]), "--output-prefix", tmp_path / "ds"])
+    assert status == 130 and err.strip().splitlines() == ["preprocess_data: error: interrupted; no output written"]
+    assert list(tmp_path.iterdir()) == []
