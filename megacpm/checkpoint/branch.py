@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
-from megacpm.checkpoint.manager import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state
+from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
 from megacpm.io.errors import describe_decode_error, os_error_cause
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, TRAINER_STATE_FILE,

@@ -23,6 +23,9 @@ from megacpm.io.run_dir import (CONFIG_FILE, LATEST_FILE, STATE_DIR, STEP_DIR, T
 PathLike = Union[str, Path]
 
 FORMAT_VERSION = 2  # 2: model-space DCP of any layout, per-rank RNG files
+# Model fields that change a tensor's shape: a checkpoint cannot load into a model differing in them.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 # trainer_state.json's counters: each a non-negative int.
 COUNTER_FIELDS = ("step", "optimizer_steps", "consumed_samples", "tokens")
 

@@ -25,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Dict, Optional, Protocol
 
 import numpy as np
 import torch
@@ -33,8 +33,8 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megacpm.checkpoint.catalog import (FORMAT_VERSION, CheckpointError, checkpoint_problem, latest_checkpoint,
-                                        list_checkpoints, read_trainer_state)
+from megacpm.checkpoint.catalog import (FORMAT_VERSION, SHAPE_FIELDS, CheckpointError, checkpoint_problem,
+                                        latest_checkpoint, list_checkpoints, read_trainer_state)
 from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
 from megacpm.io.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
@@ -58,10 +58,6 @@ class Trainable(Protocol):
     model: ShardedModel
     optimizer: ShardedOptimizer
 
-
-# Model fields that change a tensor's shape: a checkpoint cannot load into a model differing in them.
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 
 
 @dataclass

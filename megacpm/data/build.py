@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from megacpm.config.schema import DATA_SOURCES, DataConfig
-from megacpm.data.cache import cache_key, resolve_cache_dir, save_npy_atomic
+from megacpm.data.cache import cache_key, resolve_cache_dir
 from megacpm.data.corpus import Corpus, text_corpus
 from megacpm.data.embedded import embedded_corpus
 from megacpm.data.errors import DataError

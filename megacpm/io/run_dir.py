@@ -54,14 +54,22 @@ def rng_file(checkpoint: PathLike, rank: int) -> Path:
 
 
 def read_metrics(run_dir: PathLike) -> List[Dict]:
-    """The records of RUN/metrics.jsonl in order ([] when there is none), skipping a line torn by a crash."""
-    path = Path(run_dir) / METRICS_FILE
+    """The records of RUN/metrics.jsonl in order ([] when there is none); see read_records."""
+    return read_records(Path(run_dir) / METRICS_FILE)
+
+
+def read_records(path: PathLike) -> List[Dict]:
+    """The JSON-object lines of a JSON-lines file, in order ([] when there is none), skipping any
+    other line (torn by a crash, or scribbled over: undecodable bytes included)."""
+    path = Path(path)
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict
 
 from megacpm.io.atomic import write_text_atomic
+from megacpm.io.run_dir import read_records
 from megacpm.train.callbacks.base import Record, Sink
 
 
@@ -30,15 +31,8 @@ class MetricsFile(Sink):
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept: List[str] = []
-        for raw in self.path.read_bytes().splitlines():
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                continue  # a line torn by a crash mid-write (or scribbled over)
-            if isinstance(record, dict) and isinstance(record.get("step", 0), int) and record.get("step", 0) <= step:
-                kept.append(raw.decode("utf-8"))
-        write_text_atomic(self.path, "".join(k + "\n" for k in kept))
+        kept = [record for record in read_records(self.path) if _step(record) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: Record) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -47,3 +41,8 @@ class MetricsFile(Sink):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _step(record: Dict[str, Any]) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) else float("inf")  # a record without a usable step goes
