@@ -17,7 +17,8 @@ import pytest
 from megacpm.checkpoint import checkpoint_problem, latest_checkpoint
 from megacpm.io.run_dir import read_metrics
 from tests.reliability.hostile import Hostile, assert_one_line, run_command, run_hostile, snapshot, temporaries
-from tests.support import start_cli
+from megacpm.io.run_lock import RunLock
+from tests.support import run_torchrun, start_cli
 from tests.train.test_training_run import SMALL
 
 pytestmark = pytest.mark.slow
@@ -234,3 +235,20 @@ def test_second_trainer_is_refused_while_the_first_runs_on(base_run, tmp_path, d
     again = run_command(["megacpm", "train", str(run), f"--train.steps={step + 1}"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert steps_logged(run) == list(range(1, step + 2))
+
+
+def test_a_torchrun_job_shares_one_lock_and_is_refused_as_one(base_run, tmp_path):
+    """A 2-rank torchrun job on a run whose lock another process holds: rank 0 says so in one line,
+    rank 1 leaves quietly (the failure was rank 0's, shared), and the run is byte-identical."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    before = snapshot(tmp_path)
+    with RunLock(run):  # the live trainer, as far as the job can tell
+        result = run_torchrun(2, "train", str(run), "--train.steps=6")
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("megacpm: error:")]
+    assert len(ours) == 1 and "in use by another trainer" in ours[0], result.stderr[-3000:]
+    # torchrun prints its own ChildFailedError traceback; none may come from inside megacpm
+    frames = [line for line in result.stderr.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "/megacpm/" in f and "torch" not in f], result.stderr[-3000:]
+    assert snapshot(tmp_path) == before
