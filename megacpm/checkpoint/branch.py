@@ -28,7 +28,7 @@ from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_che
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
 from megacpm.io.errors import describe_decode_error, os_error_cause
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, TRAINER_STATE_FILE,
-                                METRICS_FILE, checkpoint_step, checkpoints_dir)
+                                checkpoint_step, checkpoints_dir, read_metrics)
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -146,23 +146,12 @@ def _number(value) -> bool:
 
 
 def _last_metrics(run: Path) -> Dict[str, float]:
-    """The last loss, eval_loss and tokens of RUN/metrics.jsonl. Read line by line as bytes: a line
-    torn by a crash, or one that is not UTF-8 or not a JSON object, is skipped and the rest shown."""
+    """The last finite loss, eval_loss and tokens of RUN/metrics.jsonl (unusable lines skipped)."""
     found: Dict[str, float] = {}
-    path = run / METRICS_FILE
-    if not path.is_file():
-        return found
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                continue
-            if not isinstance(record, dict):
-                continue
-            for key in ("loss", "eval_loss", "tokens"):
-                if _number(record.get(key)) and math.isfinite(record[key]):
-                    found[key] = record[key]
+    for record in read_metrics(run):
+        for key in ("loss", "eval_loss", "tokens"):
+            if _number(record.get(key)) and math.isfinite(record[key]):
+                found[key] = record[key]
     return found
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megacpm.config import load_config
 from megacpm.io.atomic import write_text_atomic
+from megacpm.io.errors import EntryPointError
 from megacpm.io.run_dir import CHECKPOINTS_DIR, read_metrics
 from megacpm.scaling.optimum import interpolated_minimum
 
@@ -220,13 +221,26 @@ def slot_environment(slot: int, nproc: int) -> Dict[str, str]:
     return env
 
 
+def read_result(path: Path) -> PointResult:
+    """A finished point's result file; any other content is one EntryPointError naming the file
+    (delete it and the point is trained again)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return PointResult(**data)
+    except (ValueError, TypeError) as exc:  # JSON, UTF-8 and field errors alike
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EntryPointError(f"{path}: not a point result ({reason}); delete it to train the point again") from None
+
+
 def run_point(spec: SweepSpec, point: SweepPoint, out: Path, base_cfg, threads: int = 0,
               keep_checkpoints: bool = False, nproc: int = 1, slot: int = 0) -> PointResult:
     """Train one point (or read its result when it already finished)."""
     run_dir = out / "runs" / point.name
     result_file = run_dir / RESULT_FILE
     if result_file.is_file():
-        return PointResult(**json.loads(result_file.read_text()))
+        return read_result(result_file)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted point restarts from scratch
     run_dir.mkdir(parents=True)
@@ -300,7 +314,7 @@ def load_results(out: Path) -> List[PointResult]:
     """Every finished point under OUT/runs (for reports on a sweep, finished or not)."""
     results = []
     for result_file in sorted((out / "runs").glob(f"*/{RESULT_FILE}")):
-        results.append(PointResult(**json.loads(result_file.read_text())))
+        results.append(read_result(result_file))
     return results
 
 

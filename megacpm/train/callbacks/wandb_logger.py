@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib
+import re
 import secrets
 from pathlib import Path
 from typing import Any, Optional
 
 from megacpm.config import ConfigError
 from megacpm.config.loader import config_to_dict
+from megacpm.io.atomic import write_text_atomic
+from megacpm.io.errors import EntryPointError
 from megacpm.io.run_dir import WANDB_DIR
 from megacpm.train.callbacks.base import Record, Sink
 
@@ -46,11 +49,15 @@ class WandB(Sink):
 
     def _run_id(self, run_dir: Path) -> str:
         path = run_dir / WANDB_ID_FILE
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+        if path.is_file():
+            text = path.read_bytes().decode("ascii", "replace").strip()
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text):
+                raise EntryPointError(f"{path}: not a W&B run id ({text[:20]!r}); delete it to log this run to "
+                                      f"a new W&B run")
+            return text
         run_id = secrets.token_hex(8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(run_id + "\n")
+        write_text_atomic(path, run_id + "\n")
         return run_id
 
     def on_train_start(self, trainer) -> None:
