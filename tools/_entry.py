@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Callable, Dict, Optional, Type
 
-from megacpm.io.errors import EntryPointError, describe_os_error
+from megacpm.io.errors import EntryPointError, decode_cause, describe_os_error
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -64,12 +64,6 @@ def fail(prog: str, message: str, status: int) -> int:
     return status
 
 
-def decode_error_line(exc: UnicodeDecodeError) -> str:
-    byte = exc.object[exc.start:exc.start + 1]
-    shown = f"byte 0x{byte[0]:02x} " if byte else ""
-    return f"not UTF-8 text ({shown}at offset {exc.start})"
-
-
 def run_tool(prog: str, body: Callable[[], int], errors: Optional[Dict[Type[BaseException], int]] = None,
              interrupted: str = "interrupted", sigterm: bool = False) -> int:
     """``body()``'s exit status, or one line and a status for a failure (see the module doc). With
@@ -99,7 +93,7 @@ def _run(prog: str, body: Callable[[], int], errors: Dict[Type[BaseException], i
             if isinstance(exc, kind):
                 return fail(prog, str(exc), status)
         if isinstance(exc, UnicodeDecodeError):
-            return fail(prog, decode_error_line(exc), EXIT_FAILURE)
+            return fail(prog, decode_cause(exc), EXIT_FAILURE)
         if isinstance(exc, OSError):
             return fail(prog, describe_os_error(exc), EXIT_FAILURE)
         raise  # a bug: keep the traceback

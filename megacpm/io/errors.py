@@ -55,11 +55,16 @@ def describe_os_error(exc: OSError, path: Optional[PathLike] = None) -> str:
     return f"{where}: {cause}" if where is not None else cause
 
 
-def describe_decode_error(path: PathLike, exc: UnicodeDecodeError) -> str:
-    """``PATH: not UTF-8 text (byte 0xff at offset 12)``."""
+def decode_cause(exc: UnicodeDecodeError) -> str:
+    """``not UTF-8 text (byte 0xff at offset 12)``."""
     byte = exc.object[exc.start:exc.start + 1]
     shown = f"byte 0x{byte[0]:02x} " if byte else ""
-    return f"{Path(path)}: not UTF-8 text ({shown}at offset {exc.start})"
+    return f"not UTF-8 text ({shown}at offset {exc.start})"
+
+
+def describe_decode_error(path: PathLike, exc: UnicodeDecodeError) -> str:
+    """``PATH: not UTF-8 text (byte 0xff at offset 12)``."""
+    return f"{Path(path)}: {decode_cause(exc)}"
 
 
 def read_text(path: PathLike) -> str:
