@@ -1,21 +1,26 @@
 """Semantic checks of a Config: every value that cannot work is one ConfigError naming its key.
 
-Runs before any process group, directory or file is created.
+Runs before any process group, directory or file is created, and creates nothing itself: the paths
+are only looked at (``os.stat``).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
+import stat
 import typing
+from pathlib import Path
 from typing import Optional
 
-from megacpm.config.loader import ConfigError, check_choice
+from megacpm.config.loader import ConfigError, check_choice, check_finite, shown
 from megacpm.config.schedule import resolve_schedule
 from megacpm.config.schema import SECTIONS, Config
 from megacpm.parallel.layout import LayoutError, ParallelLayout
 
 MAX_PROFILED_STEPS = 16  # log.profile_steps: each trace is tens of MB
+MAX_THREADS = 65536  # train.num_threads: torch.set_num_threads overflows far above any machine
+MAX_TIMEOUT_S = 1e9  # parallel.timeout_s (about 31 years): larger overflows the process group's timedelta
 
 
 def _positive(key: str, value, allow_zero: bool = False) -> None:
@@ -33,6 +38,74 @@ def validate_choices(cfg: Config) -> None:
         for f in dataclasses.fields(section_obj):
             if typing.get_origin(hints[f.name]) is typing.Literal:
                 check_choice(f"{section}.{f.name}", getattr(section_obj, f.name), hints[f.name])
+
+
+def validate_finite(cfg: Config) -> None:
+    """No NaN or infinity in any field, nested ones included. The loader refuses them as it reads;
+    this catches a Config built or changed in code."""
+    for section in SECTIONS:
+        section_obj = getattr(cfg, section)
+        for f in dataclasses.fields(section_obj):
+            check_finite(f"{section}.{f.name}", getattr(section_obj, f.name))
+
+
+def _check_path_text(key: str, value: Optional[str]) -> None:
+    """A path field, when set, is a non-empty path without control characters."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: must be a non-empty path, got {value!r}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigError(f"{key}: must not contain control characters, got {value!r}")
+
+
+def _not_a_directory(path: str) -> Optional[str]:
+    """Why ``path`` cannot be (or be made) a directory: it, or its nearest existing ancestor, is a
+    file (or a broken symbolic link); None when it can, or when that cannot be told (a permission)."""
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        try:
+            st = os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.islink(candidate):
+                return f"{shown(candidate)} is a broken symbolic link"
+            continue
+        except (OSError, ValueError):
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        what = "a file" if stat.S_ISREG(st.st_mode) else "not a directory"
+        if candidate == p:
+            return f"{shown(path)} is {what}" + (", not a directory" if what == "a file" else "")
+        return f"{shown(path)} is under {shown(candidate)}, which is {what}" + \
+            (", not a directory" if what == "a file" else "")
+    return None
+
+
+def validate_paths(cfg: Config) -> None:
+    """The run's own paths: set ones are real paths, and run.dir / data.cache_dir can be directories."""
+    _check_path_text("run.dir", cfg.run.dir)
+    for key in ("path", "tokenizer", "cache_dir"):
+        _check_path_text(f"data.{key}", getattr(cfg.data, key))
+    for prefix in cfg.data.mixture or {}:
+        _check_path_text(f"data.mixture[{prefix!r}]", prefix)
+    for key, path in (("run.dir", cfg.run.dir),
+                      ("data.cache_dir", os.path.expanduser(cfg.data.cache_dir) if cfg.data.cache_dir else None)):
+        problem = _not_a_directory(path) if path is not None else None
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
+
+
+def _missing(key: str, path: str, need_file: bool = False) -> None:
+    """ConfigError when ``path`` does not exist (or, with ``need_file``, is not a regular file)."""
+    if need_file and os.path.isfile(path):
+        return
+    if not need_file and os.path.exists(path):
+        return
+    if os.path.exists(path):
+        raise ConfigError(f"{key}: {shown(path)} is not a file")
+    blocked = _not_a_directory(os.path.dirname(path) or ".")
+    raise ConfigError(f"{key}: {shown(path)} does not exist" + (f" ({blocked})" if blocked else ""))
 
 
 def validate_model(cfg: Config) -> None:
@@ -59,7 +132,7 @@ def validate_model(cfg: Config) -> None:
     if m.rope_scaling is not None:
         kind = m.rope_scaling.get("type", m.rope_scaling.get("rope_type"))
         factor = m.rope_scaling.get("factor")
-        if kind != "dynamic" or not isinstance(factor, (int, float)) or factor < 1:
+        if kind != "dynamic" or not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1:
             raise ConfigError(
                 "model.rope_scaling: expected null or {type: dynamic, factor: F >= 1}, "
                 f"got {m.rope_scaling!r}"
@@ -70,6 +143,8 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
     p, m = cfg.parallel, cfg.model
     for key in ("tp", "pp", "vpp", "cp", "ep", "timeout_s"):
         _positive(f"parallel.{key}", getattr(p, key))
+    if p.timeout_s > MAX_TIMEOUT_S:
+        raise ConfigError(f"parallel.timeout_s: must be at most {MAX_TIMEOUT_S:g} seconds, got {p.timeout_s:g}")
     for key, what in (("cp", "context parallelism"), ("ep", "expert parallelism")):
         if getattr(p, key) != 1:
             raise ConfigError(f"parallel.{key}: {what} is not available yet (the axis exists with size 1)")
@@ -121,6 +196,9 @@ def validate_train(cfg: Config, world_size: int) -> None:
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.eval_batches", t.eval_batches, allow_zero=True)
     _positive("train.num_threads", t.num_threads, allow_zero=True)
+    if t.num_threads > MAX_THREADS:
+        raise ConfigError(f"train.num_threads: must be at most {MAX_THREADS}, got {t.num_threads}")
+    _positive("train.seed", t.seed, allow_zero=True)  # numpy's generators take no negative seed
     dp = data_parallel_size(cfg, world_size)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
@@ -183,17 +261,17 @@ def validate_data(cfg: Config) -> None:
                               f"got {d.mixture!r}")
         for prefix in d.mixture:
             for path in (f"{prefix}.idx", f"{prefix}.bin"):
-                if not os.path.exists(path):
-                    raise ConfigError(f"data.mixture: {path} does not exist")
+                _missing("data.mixture", path, need_file=True)
     elif d.source in ("text", "megatron"):
-        if not d.path:
+        if d.path is None:
             raise ConfigError(f"data.path: required when data.source is '{d.source}'")
-        needed = [f"{d.path}.idx", f"{d.path}.bin"] if d.source == "megatron" else [d.path]
-        for path in needed:
-            if not os.path.exists(path):
-                raise ConfigError(f"data.path: {path} does not exist")
-    if d.tokenizer is not None and not os.path.isfile(d.tokenizer):
-        raise ConfigError(f"data.tokenizer: {d.tokenizer} is not a file")
+        if d.source == "megatron":
+            for path in (f"{d.path}.idx", f"{d.path}.bin"):
+                _missing("data.path", path, need_file=True)
+        else:
+            _missing("data.path", d.path)
+    if d.tokenizer is not None:
+        _missing("data.tokenizer", d.tokenizer, need_file=True)
     if not 0.0 < d.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {d.val_fraction}")
     if not 0.0 <= d.test_fraction < 0.5:
@@ -223,9 +301,46 @@ def validate_log(cfg: Config) -> None:
                               f"got {len(set(log.profile_steps))}")
 
 
-def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> Config:
-    """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise."""
+def _cuda_missing_reason(torch) -> str:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is built without CUDA"
+    if visible is not None:
+        return f"torch {torch.__version__} built for CUDA {torch.version.cuda}, CUDA_VISIBLE_DEVICES={visible!r}"
+    return f"torch {torch.__version__} built for CUDA {torch.version.cuda}, but no driver or GPU answers"
+
+
+def validate_device(cfg: Config) -> None:
+    """train.device cuda needs a visible CUDA device for this rank (GPU LOCAL_RANK). torch is
+    imported only here, only when cuda is asked for: every other config error stays fast."""
+    if cfg.train.device != "cuda":
+        return
+    import torch  # local: start-up speed (a bad config must fail without loading torch)
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device: cuda requested but no CUDA device is visible ({_cuda_missing_reason(torch)})")
+    try:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return  # the launcher's variable is not ours to judge here
+    count = torch.cuda.device_count()
+    if not 0 <= local_rank < count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"train.device: cuda device {local_rank} (LOCAL_RANK) requested but {count} "
+                          f"CUDA device(s) are visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible else ""))
+
+
+def validate(cfg: Config, world_size: int = 1, check_data: bool = True,
+             check_device: Optional[bool] = None) -> Config:
+    """Raise ConfigError on the first value that cannot work; return cfg unchanged otherwise.
+
+    ``check_data``: also look at this machine's data files. ``check_device`` (default: as
+    ``check_data``): train.device cuda needs a visible CUDA device. Planning a run for another
+    machine (``megacpm info``) passes neither.
+    """
     validate_choices(cfg)
+    validate_finite(cfg)
+    validate_paths(cfg)
     validate_model(cfg)
     validate_parallel(cfg, world_size)
     validate_train(cfg, world_size)
@@ -235,4 +350,6 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True) -> Confi
         validate_data(cfg)
     validate_checkpoint(cfg)
     validate_log(cfg)
+    if check_data if check_device is None else check_device:
+        validate_device(cfg)
     return cfg
