@@ -49,6 +49,32 @@ def validate_finite(cfg: Config) -> None:
             check_finite(f"{section}.{f.name}", getattr(section_obj, f.name))
 
 
+def validate_text(cfg: Config) -> None:
+    """Every text value is UTF-8 encodable: a path given as undecodable bytes on the command line
+    (Python holds them as surrogates) could be neither logged nor written into config.yaml."""
+    def check(key: str, value) -> None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(value[exc.start]) - 0xDC00 if 0xDC80 <= ord(value[exc.start]) <= 0xDCFF else None
+                shown = f"byte 0x{byte:02x}" if byte is not None else f"character {value[exc.start]!r}"
+                raise ConfigError(f"{key}: not valid UTF-8 ({shown} at position {exc.start}); megacpm writes "
+                                  f"configs and logs as UTF-8: use a UTF-8 name") from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                check(f"{key}[{k!r}]", k)
+                check(f"{key}[{k!r}]", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                check(f"{key}[{i}]", v)
+
+    for section in SECTIONS:
+        section_obj = getattr(cfg, section)
+        for f in dataclasses.fields(section_obj):
+            check(f"{section}.{f.name}", getattr(section_obj, f.name))
+
+
 def _check_path_text(key: str, value: Optional[str]) -> None:
     """A path field, when set, is a non-empty path without control characters."""
     if value is None:
@@ -340,6 +366,7 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True,
     """
     validate_choices(cfg)
     validate_finite(cfg)
+    validate_text(cfg)
     validate_paths(cfg)
     validate_model(cfg)
     validate_parallel(cfg, world_size)

@@ -209,6 +209,11 @@ CASES = [
             line(r"'train\.st\\neps': unknown key \(known in 'train': .*\)")),
     Hostile("control-character-in-path", train("tiny", "--run.dir={dir}/a\nb", run_dir=False),
             line(r"run\.dir: must not contain control characters, got '\S+/a\\nb'")),
+    # A byte that is not UTF-8 in a path on the command line (Python holds it as a surrogate).
+    Hostile("non-utf8-run-dir", train("tiny", "--run.dir={dir}/run\udcff", run_dir=False),
+            line(r"run\.dir: not valid UTF-8 \(byte 0xff at position \d+\); .*use a UTF-8 name")),
+    Hostile("non-utf8-run-name", train("tiny", "--run.name=a\udcffb"),
+            line(r"run\.name: not valid UTF-8 \(byte 0xff at position 1\); .*use a UTF-8 name")),
 ]
 
 
