@@ -27,7 +27,7 @@ from tests.train.test_training_run import SMALL, eval_losses, losses, train
 pytestmark = pytest.mark.slow
 
 TRIALS = int(os.environ.get("MEGACPM_KILL_TRIALS", "4"))
-STEPS = max(40, 4 * TRIALS)  # room for every trial's few steps
+STEPS = max(48, 12 * TRIALS)  # room for every trial's steps (a few to a dozen each)
 COMMON = [f"--train.steps={STEPS}", "--train.log_interval=1", "--checkpoint.interval=1", "--checkpoint.keep=2",
           "--train.eval_interval=10", "--schedule.warmup_steps=10"]
 STRIKES = ("kill9-sync", "kill9-async", "sigterm", "double-ctrl-c")
@@ -89,7 +89,9 @@ def test_random_interruptions_resume_exactly(tmp_path, data_cache):
         elif kind == "sigterm":
             assert code == 0 and not errors, (kind, code, err)
         else:
-            assert (code, len(errors)) in ((0, 0), (130, 1)), (kind, code, err)
+            # 130 and one line: the second Ctrl-C abandoned the stop's save; 0: the save finished
+            # first; -SIGINT and silence: it struck the interpreter's shutdown after a clean stop.
+            assert (code, len(errors)) in ((0, 0), (130, 1), (-signal.SIGINT, 0)), (kind, code, err)
         latest = latest_checkpoint(run_dir)
         assert latest is not None and checkpoint_problem(latest) is None, (trial, kind, latest)
         if not kind.startswith("kill9"):  # a clean exit leaves nothing temporary behind
