@@ -75,12 +75,14 @@ def validate_text(cfg: Config) -> None:
             check(f"{section}.{f.name}", getattr(section_obj, f.name))
 
 
-def _check_path_text(key: str, value: Optional[str]) -> None:
-    """A path field, when set, is a non-empty path without control characters."""
+def _check_path_text(key: str, value: Optional[str], nullable: bool = True) -> None:
+    """A path field, when set, is a non-empty path without control characters. An empty one is
+    refused (it would mean the current directory): ``null`` is how a field is unset."""
     if value is None:
         return
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: must be a non-empty path, got {value!r}")
+        hint = " (null unsets it)" if nullable else ""
+        raise ConfigError(f"{key}: must be a non-empty path, got {value!r}{hint}")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ConfigError(f"{key}: must not contain control characters, got {value!r}")
 
@@ -114,7 +116,7 @@ def validate_paths(cfg: Config) -> None:
     for key in ("path", "tokenizer", "cache_dir"):
         _check_path_text(f"data.{key}", getattr(cfg.data, key))
     for prefix in cfg.data.mixture or {}:
-        _check_path_text(f"data.mixture[{prefix!r}]", prefix)
+        _check_path_text(f"data.mixture[{prefix!r}]", prefix, nullable=False)
     for key, path in (("run.dir", cfg.run.dir),
                       ("data.cache_dir", os.path.expanduser(cfg.data.cache_dir) if cfg.data.cache_dir else None)):
         problem = _not_a_directory(path) if path is not None else None

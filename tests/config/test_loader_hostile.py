@@ -198,12 +198,12 @@ def test_yaml_errors_are_one_line_with_the_place(tmp_path, text, message):
 # -- paths ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
-    ("--run.dir=", "run.dir: must be a non-empty path, got ''"),
-    ("--run.dir= \t", "run.dir: must be a non-empty path, got ' \\t'"),
+    ("--run.dir=", "run.dir: must be a non-empty path, got '' (null unsets it)"),
+    ("--run.dir= \t", "run.dir: must be a non-empty path, got ' \\t' (null unsets it)"),
     ("--run.dir=a\x00b", "run.dir: must not contain control characters, got 'a\\x00b'"),
-    ("--data.path=", "data.path: must be a non-empty path, got ''"),
-    ("--data.tokenizer= ", "data.tokenizer: must be a non-empty path, got ' '"),
-    ("--data.cache_dir=", "data.cache_dir: must be a non-empty path, got ''"),
+    ("--data.path=", "data.path: must be a non-empty path, got '' (null unsets it)"),
+    ("--data.tokenizer= ", "data.tokenizer: must be a non-empty path, got ' ' (null unsets it)"),
+    ("--data.cache_dir=", "data.cache_dir: must be a non-empty path, got '' (null unsets it)"),
 ])
 def test_empty_paths_are_refused(override, message):
     with pytest.raises(ConfigError) as excinfo:

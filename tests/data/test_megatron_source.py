@@ -104,6 +104,7 @@ def test_a_mixture_blends_the_datasets_by_weight(tmp_path):
 def test_a_branch_switches_the_mixture_at_its_first_step(tmp_path, capfd):
     from megacpm.data.blending import build_blending_indices
     from megacpm.train.trainer import Trainer
+    from megacpm.checkpoint import latest_checkpoint
 
     write_corpus(tmp_path / "a", documents=200, seed=1)
     write_corpus(tmp_path / "b", documents=200, seed=2)
@@ -115,12 +116,12 @@ def test_a_branch_switches_the_mixture_at_its_first_step(tmp_path, capfd):
     assert run_cli("train", "tiny", f"--run.dir={parent}", f"--data.path={tmp_path / 'a'}", "--train.steps=3",
                    *common).returncode == 0
     branch = tmp_path / "branch"
-    result = run_cli("branch", parent, branch, "--data.path=", f"--data.mixture={{{tmp_path / 'b'}: 1}}",
+    result = run_cli("branch", parent, branch, "--data.path=null", f"--data.mixture={{{tmp_path / 'b'}: 1}}",
                      "--train.steps=5")
     assert result.returncode == 0, result.stderr
     cfg = load_config(str(branch))
     trainer = Trainer(cfg, print_fn=lambda text: None)
-    trainer._resume()
+    trainer._resume(latest_checkpoint(branch))
     assert trainer.state.consumed_samples == 24 and trainer.state.data_start == 24
     expected = get_batch(build_datasets(cfg.data, VOCAB, 32, cfg.train.seed).train, 0, 8)
     batch = trainer.next_batch()  # the new mixture from its first sample
