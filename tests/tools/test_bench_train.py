@@ -32,3 +32,17 @@ def test_bench_train_bad_config_is_one_line():
     result = subprocess.run([sys.executable, str(TOOL), "tiny", "--model.hidden_size=65"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_train_vs_hf_times_the_same_function():
+    """--vs-hf: transformers' LlamaForCausalLM from the Llama export of megacpm's weights computes
+    megacpm's loss on the first batch (so the ratio compares one function), and the ratio is the
+    two measured rates'."""
+    result = subprocess.run([sys.executable, str(TOOL), "tiny", *SMALL, "--steps", "2", "--warmup", "1",
+                             "--rounds", "2", "--vs-hf", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    ours, theirs = figures["first_loss_megacpm"], figures["first_loss_transformers"]
+    assert abs(ours - theirs) <= 1e-5 * abs(ours)
+    assert figures["megacpm_tokens_per_sec"] > 0 and figures["transformers_tokens_per_sec"] > 0
+    assert abs(figures["ratio"] - figures["megacpm_tokens_per_sec"] / figures["transformers_tokens_per_sec"]) < 1e-9
