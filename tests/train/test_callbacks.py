@@ -7,6 +7,7 @@ import random
 import signal
 import struct
 import sys
+import time
 import types
 
 import pytest
@@ -318,6 +319,11 @@ def test_wandb_offline_run_logs_every_record_at_its_step_and_resumes_the_same_ru
     assert init["dir"] == str(tmp_path) and init["resume"] == "allow"
     assert init["config"]["train"]["steps"] == 4 and init["config"]["log"]["wandb"] is True
 
+    # W&B names an offline run's directory by its start time to the second and the run id: a resume
+    # within the same second would share (and lose) the first run's file, which no real resume does.
+    started = int(time.time())
+    while int(time.time()) == started:
+        time.sleep(0.05)
     _, result = run(make_config(tmp_path, corpus, "--train.steps=6", *common), trainer_class=ExtraMetric)
     assert result.status == "completed" and inits[1]["id"] == init["id"]  # the resumed run continues it
 
