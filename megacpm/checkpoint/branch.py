@@ -26,7 +26,7 @@ import yaml
 
 from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
-from megacpm.io.errors import describe_decode_error, os_error_cause
+from megacpm.io.errors import decode_cause, os_error_cause
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, TRAINER_STATE_FILE,
                                 checkpoint_step, checkpoints_dir, read_metrics)
 
@@ -102,15 +102,7 @@ def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: 
     optim.lr, the data mixture, train.steps, ...) may change freely."""
     checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
     overrides = list(overrides)
-    try:
-        meta = read_trainer_state(checkpoint)  # refuses an incomplete or foreign checkpoint first
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(describe_decode_error(checkpoint / TRAINER_STATE_FILE, exc)) from None
-    except AttributeError:  # valid JSON, but not an object
-        raise CheckpointError(f"{checkpoint / TRAINER_STATE_FILE}: not a JSON object (corrupted checkpoint)") from None
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "tokens", "consumed_samples")):
-        raise CheckpointError(f"{checkpoint / TRAINER_STATE_FILE}: needs integer step, tokens and consumed_samples "
-                              "(corrupted checkpoint)")
+    meta = read_trainer_state(checkpoint)  # validated: refuses an incomplete, corrupt or foreign checkpoint first
     check_branch_shape(checkpoint, meta, config_yaml, overrides)
     if new_run.exists():
         raise CheckpointError(f"{new_run}: already exists; a branch is created in a new directory")
@@ -157,7 +149,7 @@ def _last_metrics(run: Path) -> Dict[str, float]:
 
 def _unreadable(exc: BaseException) -> str:
     if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 (byte at offset {exc.start})"
+        return decode_cause(exc)
     if isinstance(exc, json.JSONDecodeError):
         return f"not valid JSON ({exc.msg} at line {exc.lineno})"
     if isinstance(exc, OSError):

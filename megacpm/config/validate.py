@@ -11,7 +11,7 @@ import os
 import stat
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional, Tuple
 
 from megacpm.config.loader import ConfigError, check_choice, check_finite, shown
 from megacpm.config.schedule import resolve_schedule
@@ -40,39 +40,47 @@ def validate_choices(cfg: Config) -> None:
                 check_choice(f"{section}.{f.name}", getattr(section_obj, f.name), hints[f.name])
 
 
-def validate_finite(cfg: Config) -> None:
-    """No NaN or infinity in any field, nested ones included. The loader refuses them as it reads;
-    this catches a Config built or changed in code."""
+def _fields(cfg: Config) -> Iterator[Tuple[str, Any]]:
+    """(``section.field``, value) of every field of every section."""
     for section in SECTIONS:
         section_obj = getattr(cfg, section)
         for f in dataclasses.fields(section_obj):
-            check_finite(f"{section}.{f.name}", getattr(section_obj, f.name))
+            yield f"{section}.{f.name}", getattr(section_obj, f.name)
+
+
+def _nested(key: str, value: Any) -> Iterator[Tuple[str, Any]]:
+    """(key, value) of ``value`` and of everything inside it, mapping keys included."""
+    yield key, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{key}[{k!r}]", k
+            yield from _nested(f"{key}[{k!r}]", v)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _nested(f"{key}[{i}]", v)
+
+
+def validate_finite(cfg: Config) -> None:
+    """No NaN or infinity in any field, nested ones included. The loader refuses them as it reads;
+    this catches a Config built or changed in code."""
+    for key, value in _fields(cfg):
+        check_finite(key, value)
 
 
 def validate_text(cfg: Config) -> None:
     """Every text value is UTF-8 encodable: a path given as undecodable bytes on the command line
     (Python holds them as surrogates) could be neither logged nor written into config.yaml."""
-    def check(key: str, value) -> None:
-        if isinstance(value, str):
+    for key, value in _fields(cfg):
+        for where, item in _nested(key, value):
+            if not isinstance(item, str):
+                continue
             try:
-                value.encode("utf-8")
+                item.encode("utf-8")
             except UnicodeEncodeError as exc:
-                byte = ord(value[exc.start]) - 0xDC00 if 0xDC80 <= ord(value[exc.start]) <= 0xDCFF else None
-                shown = f"byte 0x{byte:02x}" if byte is not None else f"character {value[exc.start]!r}"
-                raise ConfigError(f"{key}: not valid UTF-8 ({shown} at position {exc.start}); megacpm writes "
+                char = ord(item[exc.start])
+                shown = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"character {item[exc.start]!r}"
+                raise ConfigError(f"{where}: not valid UTF-8 ({shown} at position {exc.start}); megacpm writes "
                                   f"configs and logs as UTF-8: use a UTF-8 name") from None
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                check(f"{key}[{k!r}]", k)
-                check(f"{key}[{k!r}]", v)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                check(f"{key}[{i}]", v)
-
-    for section in SECTIONS:
-        section_obj = getattr(cfg, section)
-        for f in dataclasses.fields(section_obj):
-            check(f"{section}.{f.name}", getattr(section_obj, f.name))
 
 
 def _check_path_text(key: str, value: Optional[str], nullable: bool = True) -> None:
