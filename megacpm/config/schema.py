@@ -110,6 +110,9 @@ class TrainConfig:
     # master weights, Adam state and gradient reductions)
     precision: Precision = "auto"
     activation_checkpointing: bool = False
+    # torch.compile each decoder block (megacpm.model.compile): one graph per block kind, compiled
+    # on the first step (the log says how long), reused by every layer; a recompile is logged.
+    compile: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
 
     def uses_bf16(self, device_type: str) -> bool:

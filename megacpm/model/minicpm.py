@@ -110,17 +110,27 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block; each residual branch is scaled by r = scale_depth / sqrt(L) (muP)."""
+    """Pre-norm block; each residual branch is scaled by r = scale_depth / sqrt(L) (muP).
 
-    def __init__(self, cfg: ModelConfig):
+    ``recompute`` (activation checkpointing): in training, keep only the block's input and recompute
+    the rest in the backward. The block decides it itself, so a compiled block (train.compile)
+    traces the checkpoint too and the compiler chooses what to recompute, as TorchTitan does."""
+
+    def __init__(self, cfg: ModelConfig, recompute: bool = False):
         super().__init__()
         self.residual_scale = cfg.residual_scale
+        self.recompute = recompute
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block, h, cos, sin, use_reentrant=False)
+        return self.block(h, cos, sin)
+
+    def block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         h = h + self.residual_scale * self.self_attn(self.input_layernorm(h), cos, sin)
         return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
 
@@ -178,13 +188,13 @@ class MiniCPM(nn.Module):
                  loss_chunk_tokens: Optional[int] = DEFAULT_LOSS_CHUNK_TOKENS):
         super().__init__()
         self.cfg = cfg
-        self.activation_checkpointing = activation_checkpointing
         self.loss_chunk_tokens = loss_chunk_tokens
         self.output_loss: OutputLoss = fused_output_loss
         self.sequence_shards = 1
         self.is_first = self.is_last = True
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = LayerStack({i: DecoderLayer(cfg) for i in range(cfg.num_hidden_layers)})
+        self.layers = LayerStack({i: DecoderLayer(cfg, activation_checkpointing)
+                                  for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None
         if not cfg.tie_word_embeddings:
@@ -196,7 +206,7 @@ class MiniCPM(nn.Module):
         final norm and LM head (``last``): the same modules, not copies."""
         part = MiniCPM.__new__(MiniCPM)
         nn.Module.__init__(part)
-        for name in ("cfg", "activation_checkpointing", "loss_chunk_tokens", "output_loss", "sequence_shards"):
+        for name in ("cfg", "loss_chunk_tokens", "output_loss", "sequence_shards"):
             setattr(part, name, getattr(self, name))
         part.is_first, part.is_last = first, last
         part.embed_tokens = self.embed_tokens if first else None
@@ -231,9 +241,8 @@ class MiniCPM(nn.Module):
             h = x
             seq_len = h.shape[1] * self.sequence_shards
         cos, sin = self.rotary(seq_len, h.device)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = checkpoint(layer, h, cos, sin, use_reentrant=False) if recompute else layer(h, cos, sin)
+            h = layer(h, cos, sin)
         return self.norm(h) if self.is_last else h
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

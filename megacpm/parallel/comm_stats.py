@@ -4,9 +4,10 @@
         step.step(samples, lr)
     comm.summary()   # {"tp.all_reduce": {"calls": 16, "bytes": 2097152}, "dp.all_reduce": ...}
 
-Every torch.distributed collective and point-to-point call reaches the dispatcher as a ``c10d`` op
-(that is how torch.compile traces them), so a dispatch mode active around a step sees all of them,
-from the TP mappings, the vocab-parallel loss, the gradient buckets, ZeRO and the pipeline alike,
+Every torch.distributed collective and point-to-point call reaches the dispatcher as a ``c10d`` op,
+or, inside a block compiled by torch.compile, as the ``_c10d_functional`` op it was traced into
+(the mode lets the compiled graphs run and sees their ops), so a dispatch mode active around a step
+sees all of them, from the TP mappings, the vocab-parallel loss, the gradient buckets, ZeRO and the pipeline alike,
 without any of that code knowing it is being counted. The mode is a context manager held by the
 caller: nothing global, and nothing is counted outside it. It costs Python dispatch on every op while
 active, so the trainer enables it on logged steps only (a layout moves the same bytes every step).
@@ -43,6 +44,24 @@ _OPS = {
     "alltoall_": ("all_to_all", 1),
 }
 
+# The functional collectives a compiled graph runs instead (torch.compile traces the c10d calls of
+# the TP mappings into them): op -> kind. The payload is the first argument; the group is named by
+# the "group_name" argument; an all-gather's payload is its input times "group_size".
+_FUNCTIONAL_OPS = {
+    "all_reduce": "all_reduce",
+    "all_reduce_": "all_reduce",
+    "all_reduce_coalesced": "all_reduce",
+    "all_reduce_coalesced_": "all_reduce",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather_into_tensor_out": "all_gather",
+    "all_gather_into_tensor_coalesced": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "reduce_scatter_tensor_coalesced": "reduce_scatter",
+    "all_to_all_single": "all_to_all",
+    "broadcast": "broadcast",
+    "broadcast_": "broadcast",
+}
+
 
 def _nbytes(payload) -> int:
     if isinstance(payload, torch.Tensor):
@@ -52,19 +71,41 @@ def _nbytes(payload) -> int:
     return 0
 
 
+def _named_arguments(func, args, kwargs) -> Dict[str, object]:
+    named = {arg.name: value for arg, value in zip(func._schema.arguments, args)}
+    named.update(kwargs)
+    return named
+
+
 class CommAccounting(TorchDispatchMode):
+    # A compiled block may run higher-order operators (the RNG state saved around a recomputed
+    # op); they reach __torch_dispatch__ and pass through it like any op that is not a collective.
+    supports_higher_order_operators = True
+
     def __init__(self, ctx: Optional[ParallelContext] = None):
         super().__init__()
         # Name each of the context's groups by its role; several roles may share one set of ranks
         # (tp and model_parallel when pp == 1), so groups are told apart by identity.
         self._names: Dict[int, str] = {}
+        self._names_by_group_name: Dict[str, str] = {}
         if ctx is not None:
             for kind in GROUP_KINDS:
                 group = ctx.group(kind)
                 if group is not None:
                     self._names.setdefault(id(group), kind)
+                    self._names_by_group_name.setdefault(group.group_name, kind)
+        if dist.is_initialized():
+            self._names_by_group_name.setdefault(dist.group.WORLD.group_name, "world")
         self.calls: Dict[str, int] = defaultdict(int)
         self.bytes: Dict[str, int] = defaultdict(int)
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Without this, torch.compile runs every frame eagerly while the mode is active and marks
+        # the compiled blocks' code to be skipped from then on: one logged step would turn
+        # train.compile off for the rest of the run. With it, the compiled graphs run with the
+        # mode on, and it sees their functional collectives.
+        return True
 
     def _group_name(self, script_group) -> str:
         group = dist.ProcessGroup.unbox(script_group)
@@ -83,6 +124,13 @@ class CommAccounting(TorchDispatchMode):
                 key = f"{self._group_name(group)}.{kind}"
                 self.calls[key] += 1
                 self.bytes[key] += _nbytes(args[payload_arg])
+        elif func.namespace == "_c10d_functional":
+            kind = _FUNCTIONAL_OPS.get(func._schema.name.split("::", 1)[1])
+            if kind is not None:
+                named = _named_arguments(func, args, kwargs)
+                key = f"{self._names_by_group_name.get(named['group_name'], 'other')}.{kind}"
+                self.calls[key] += 1
+                self.bytes[key] += _nbytes(args[0]) * (named["group_size"] if kind == "all_gather" else 1)
         return func(*args, **kwargs)
 
     def summary(self) -> Dict[str, Dict[str, int]]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from megacpm.config import ModelConfig
 from megacpm.model import MiniCPM
+from megacpm.model.compile import CompileStats, compile_blocks
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.layers import ColumnParallelLinear
 from megacpm.parallel.param_spec import ParamSpec, has_param_spec, param_spec, set_param_spec
@@ -54,7 +55,7 @@ class ShardedModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool = False,
                  activation_checkpointing: bool = False, generator: Optional[torch.Generator] = None,
-                 param_dtype: torch.dtype = torch.float32):
+                 param_dtype: torch.dtype = torch.float32, compile: bool = False):
         super().__init__()
         self.cfg, self.ctx, self.param_dtype = cfg, ctx, param_dtype
         self.sequence_parallel = sequence_parallel
@@ -77,6 +78,9 @@ class ShardedModel(nn.Module):
                 set_param_spec(param, ParamSpec())  # a single process, or a module TP leaves whole
             if name == TIED_EMBEDDING and tied_across_stages:
                 set_param_spec(param, param_spec(param).with_changes(partial_over=("embedding",)))
+        # Last: the blocks are compiled as they will run (sharded by the plans, on the device, in
+        # the parameter dtype). None when eager.
+        self.compile_stats: Optional[CompileStats] = compile_blocks(self.chunks) if compile else None
 
     # -- parameters in model space ---------------------------------------------------------------
     def params_by_name(self) -> Dict[str, nn.Parameter]:
