@@ -37,8 +37,8 @@ from megacpm.config import Config, dump_yaml
 from megacpm.data import Batch, DataBundle, DataError, build_datasets, data_signature, get_batch
 from megacpm.optim import LRSchedule
 from megacpm.parallel.context import ParallelContext
-from megacpm.train.callbacks import (Callback, CallbackList, Checkpointing, CommStats, Console, Evaluation,
-                                     GpuMonitor, MetricsFile, Profiler, StepRecords, TensorBoard, WandB)
+from megacpm.train.callbacks import (Callback, CallbackList, Checkpointing, CommStats, CompileMonitor, Console,
+                                     Evaluation, GpuMonitor, MetricsFile, Profiler, StepRecords, TensorBoard, WandB)
 from megacpm.train.device import param_dtype, resolve_device
 from megacpm.train.train_module import TrainModule
 
@@ -207,7 +207,9 @@ class Trainer:
         comm/GPU callbacks for their fields and hands the record to the sinks), the sinks on rank 0
         only, then evaluation and checkpoints (collective: every rank), the profiler (every rank)."""
         cfg = self.cfg
-        callbacks: List[Callback] = [StepRecords(), CommStats()]
+        # The compile monitor first, so a step's record already counts that step's recompiles.
+        callbacks: List[Callback] = [CompileMonitor()] if cfg.train.compile else []
+        callbacks += [StepRecords(), CommStats()]
         if self.is_rank0:
             if self.device.type == "cuda":
                 callbacks.append(GpuMonitor(self.device.index or 0, use_nvml=cfg.log.nvml))
@@ -230,7 +232,8 @@ class Trainer:
             f"{', sp' if self.cfg.parallel.sp else ''}{', zero1' if self.cfg.parallel.zero1 else ''}) "
             f"on {self.device.type}")
         return (f"training {self.run_dir} from step {self.state.step + 1} to {t.steps} on {where} "
-                f"({'bf16 with fp32 master weights' if self.param_dtype == torch.bfloat16 else 'fp32'}; {t.global_batch_size} x {t.seq_len} tokens/step)")
+                f"({'bf16 with fp32 master weights' if self.param_dtype == torch.bfloat16 else 'fp32'}; "
+                f"{t.global_batch_size} x {t.seq_len} tokens/step{'; compiled blocks' if t.compile else ''})")
 
     def run(self) -> RunResult:
         try:

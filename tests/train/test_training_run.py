@@ -125,3 +125,25 @@ def test_non_finite_loss_stops_with_the_step_named(tmp_path, data_cache):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "step 1" in lines[0] and "non-finite" in lines[0]
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_compiled_run_matches_eager_and_resumes(tmp_path, data_cache):
+    # A constant LR makes 3 + 3 steps the same run as 6 (see the test above).
+    common = ["--train.log_interval=1", "--train.eval_interval=3", "--schedule.kind=constant",
+              "--schedule.warmup_steps=2"]
+    eager = tmp_path / "eager"
+    train(eager, data_cache, "--train.steps=6", *common)
+    compiled = tmp_path / "compiled"
+    first = train(compiled, data_cache, "--train.steps=3", "--train.compile=true", *common)
+    assert "compiled the decoder blocks for training: 1 graph" in first.stdout
+    assert "compiled the decoder blocks for evaluation: 1 graph" in first.stdout
+    resumed = train(compiled, data_cache, "--train.steps=6", "--train.compile=true", *common)
+    assert "recompiled" not in first.stderr + resumed.stderr
+    assert "from step 4" in resumed.stdout and "compiled blocks" in resumed.stdout
+    compiled_losses, eager_losses = losses(compiled), losses(eager)
+    assert sorted(compiled_losses) == list(range(1, 7))
+    for step, loss in eager_losses.items():
+        assert compiled_losses[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+    assert eval_losses(compiled) == pytest.approx(eval_losses(eager), rel=1e-5)
+    records = [json.loads(line) for line in (compiled / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["recompiles"] == 0 for r in records if "loss" in r)
