@@ -1,8 +1,16 @@
 """RMSNorm: y = weight * (x * rstd).to(x.dtype) with rstd = 1 / sqrt(mean(x^2) + eps), stats in fp32.
 
-Layout (Liger's shape): the Triton kernels, plain launchers, a torch.autograd.Function, then the
-functional API ``rms_norm(x, weight, eps, impl="auto")``, with ``rms_norm_torch`` the PyTorch
+Layout (Liger's shape): the Triton kernels, plain launchers, the custom ops wrapping them, then
+the functional API ``rms_norm(x, weight, eps, impl="auto")``, with ``rms_norm_torch`` the PyTorch
 implementation (and the reference semantics the kernel follows).
+
+The Triton path is two torch.library custom ops, registered when this module is imported (their
+fake and autograd registrations need no triton; only running them does):
+- ``megacpm::rms_norm_forward(x, weight, eps) -> (y, rstd)``: y contiguous with x's shape in
+  ``promote_types(weight.dtype, x.dtype)``, rstd fp32 [rows] (rows: the product of x's leading dims);
+- ``megacpm::rms_norm_backward(dy, x, weight, rstd, need_dweight) -> (dx, dweight)``: dx contiguous
+  in x's dtype; dweight [hidden] in weight's dtype, or an empty [0] placeholder when
+  ``need_dweight`` is False (the autograd formula asks for it only when weight needs a gradient).
 
 Semantics, identical on both paths:
 - the statistics are computed in (at least) fp32; the normalised value is cast back to x's dtype
@@ -12,6 +20,9 @@ Semantics, identical on both paths:
   dtype), dweight summed from per-program fp32 partial rows (no atomics).
 """
 from __future__ import annotations
+
+import math
+from typing import Tuple
 
 import torch
 
@@ -159,21 +170,74 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     return dx.view(x.shape), dweight
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
-        y, rstd = rms_norm_forward(x, weight, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return y
+# --------------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------------
+# Why custom ops and not a torch.autograd.Function: under torch.compile, Dynamo traces into an
+# autograd.Function and the Python launcher inside it (launch settings, device queries, the Triton
+# launch), where a compiled decoder block can break its graph. A torch.library custom op is one
+# opaque node of the graph instead: its fake implementation gives the outputs' shapes, dtypes and
+# devices at trace time, and its autograd formula (register_autograd) is what AOTAutograd
+# differentiates. They are registered once, when this module is imported.
+def _require_triton(op: str) -> None:
+    if triton is None:
+        raise RuntimeError(f"megacpm::{op} runs a Triton kernel and the triton package is not installed")
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dx or need_dw):
-            return None, None, None
-        dx, dweight = rms_norm_backward(dy, x, weight, rstd, need_dweight=need_dw)
-        return (dx if need_dx else None), dweight, None
+
+def _rows(x: torch.Tensor):
+    return math.prod(x.shape[:-1])
+
+
+@torch.library.custom_op("megacpm::rms_norm_forward", mutates_args=())
+def rms_norm_forward_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton forward (rms_norm_forward) as a custom op: (y, rstd fp32 [rows])."""
+    _require_triton("rms_norm_forward")
+    return rms_norm_forward(x, weight, eps)
+
+
+@rms_norm_forward_op.register_fake
+def _rms_norm_forward_fake(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    _check(x, weight)
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rstd = torch.empty((_rows(x),), dtype=torch.float32, device=x.device)
+    return y, rstd
+
+
+@torch.library.custom_op("megacpm::rms_norm_backward", mutates_args=())
+def rms_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                         need_dweight: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The Triton backward (rms_norm_backward) as a custom op: (dx, dweight, or an empty [0] placeholder)."""
+    _require_triton("rms_norm_backward")
+    dx, dweight = rms_norm_backward(dy, x, weight, rstd, need_dweight=need_dweight)
+    if dweight is None:  # a custom op returns tensors, never None
+        dweight = weight.new_empty((0,))
+    return dx, dweight
+
+
+@rms_norm_backward_op.register_fake
+def _rms_norm_backward_fake(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, need_dweight: bool):
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dweight = torch.empty(weight.shape if need_dweight else (0,), dtype=weight.dtype, device=weight.device)
+    return dx, dweight
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, _eps = inputs
+    _y, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _rms_norm_backward_formula(ctx, dy: torch.Tensor, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dw):
+        return None, None, None
+    dx, dweight = rms_norm_backward_op(dy, x, weight, rstd, need_dw)
+    return (dx if need_dx else None), (dweight if need_dw else None), None
+
+
+rms_norm_forward_op.register_autograd(_rms_norm_backward_formula, setup_context=_rms_norm_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,5 +259,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "aut
     if use_triton(impl, x, weight):
         if impl == "auto" and (x.dtype not in TRITON_DTYPES or weight.dtype not in TRITON_DTYPES):
             return rms_norm_torch(x, weight, eps)
-        return RMSNormFunction.apply(x, weight, float(eps))
+        return rms_norm_forward_op(x, weight, float(eps))[0]
     return rms_norm_torch(x, weight, eps)

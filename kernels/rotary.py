@@ -7,9 +7,14 @@ for x [batch, seq, heads, head_dim] and fp32 tables cos, sin [>= seq + position_
 The backward is the same rotation with -sin. Any strides are taken (q and k as views of a fused
 qkv projection); GQA needs nothing special (k with fewer heads is another call).
 
-Layout (Liger's shape): the Triton kernel, a plain launcher, a torch.autograd.Function, then the
+Layout (Liger's shape): the Triton kernel, a plain launcher, the custom op wrapping it, then the
 functional API ``rotary(x, cos, sin, impl="auto", position_offset=0)``; ``rotary_torch`` is the
 PyTorch implementation.
+
+The Triton path is the torch.library custom op ``megacpm::rotary(x, cos, sin, position_offset,
+backward) -> y`` (y contiguous, x's shape and dtype; ``backward`` rotates by -sin), registered when
+this module is imported (its fake and autograd registrations need no triton; only running it does).
+Its gradient is the same op with ``backward`` flipped, so it is differentiable any number of times.
 """
 from __future__ import annotations
 
@@ -82,13 +87,17 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offse
         raise ValueError(f"rotary: position_offset must be >= 0, got {position_offset}")
 
 
+def _check_triton_dtypes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dtype not in TRITON_DTYPES or cos.dtype not in TRITON_DTYPES or sin.dtype not in TRITON_DTYPES:
+        raise TypeError(f"rotary (triton): x, cos, sin must be fp32, fp16 or bf16, "
+                        f"got {x.dtype}, {cos.dtype}, {sin.dtype}")
+
+
 def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int = 0,
                   backward: bool = False) -> torch.Tensor:
     """Launch the kernel on any-strided x; returns a new contiguous tensor of x's shape and dtype."""
     _check(x, cos, sin, position_offset)
-    if x.dtype not in TRITON_DTYPES or cos.dtype not in TRITON_DTYPES or sin.dtype not in TRITON_DTYPES:
-        raise TypeError(f"rotary (triton): x, cos, sin must be fp32, fp16 or bf16, "
-                        f"got {x.dtype}, {cos.dtype}, {sin.dtype}")
+    _check_triton_dtypes(x, cos, sin)
     batch, seq, heads, head_dim = x.shape
     y = torch.empty((batch, seq, heads, head_dim), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
@@ -111,18 +120,44 @@ def rotary_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positio
     return y
 
 
-class RotaryFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int):
-        ctx.save_for_backward(cos, sin)
-        ctx.position_offset = position_offset
-        return rotary_launch(x, cos, sin, position_offset, backward=False)
+# Why a custom op and not a torch.autograd.Function: under torch.compile, Dynamo traces into an
+# autograd.Function and the Python launcher inside it (launch settings, the Triton launch), where a
+# compiled decoder block can break its graph. A torch.library custom op is one opaque node of the
+# graph instead: its fake implementation gives the output's shape, dtype and device at trace time,
+# and its autograd formula (register_autograd) is what AOTAutograd differentiates. It is registered
+# once, when this module is imported.
+@torch.library.custom_op("megacpm::rotary", mutates_args=())
+def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int,
+              backward: bool) -> torch.Tensor:
+    """The Triton rotation (rotary_launch) as a custom op; ``backward`` rotates by -sin."""
+    if triton is None:
+        raise RuntimeError("megacpm::rotary runs a Triton kernel and the triton package is not installed")
+    return rotary_launch(x, cos, sin, position_offset, backward=backward)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        cos, sin = ctx.saved_tensors
-        dx = rotary_launch(dy, cos, sin, ctx.position_offset, backward=True)
-        return dx, None, None, None
+
+@rotary_op.register_fake
+def _rotary_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_offset: int,
+                 backward: bool) -> torch.Tensor:
+    _check(x, cos, sin, position_offset)
+    _check_triton_dtypes(x, cos, sin)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    _x, cos, sin, position_offset, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.position_offset = position_offset
+    ctx.backward = backward
+
+
+def _rotary_backward_formula(ctx, dy: torch.Tensor):
+    # The rotation is orthogonal: its transpose is the rotation by -sin. The tables get no gradient.
+    cos, sin = ctx.saved_tensors
+    dx = rotary_op(dy, cos, sin, ctx.position_offset, not ctx.backward) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None, None
+
+
+rotary_op.register_autograd(_rotary_backward_formula, setup_context=_rotary_setup_context)
 
 
 def rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -151,5 +186,5 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "a
     if use_triton(impl, x, cos, sin):
         if impl == "auto" and any(t.dtype not in TRITON_DTYPES for t in (x, cos, sin)):
             return rotary_torch(x, cos, sin, position_offset)
-        return RotaryFunction.apply(x, cos, sin, position_offset)
+        return rotary_op(x, cos, sin, position_offset, False)
     return rotary_torch(x, cos, sin, position_offset)
