@@ -293,22 +293,26 @@ def torch_cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: 
 def torch_ce_forward_and_grad_(logits: torch.Tensor, labels: torch.Tensor, scale: float, ignore_index: int,
                                z_loss: float, grad_rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The torch twin of ``ce_forward(..., grad_rows)``: (per-row fp32 loss, the logits' gradient in an
-    fp32 buffer that reuses ``logits`` when it is fp32). One [rows, vocab] fp32 buffer at a time, plus
-    logsumexp's transient [rows, vocab] fp32 temporary."""
+    fp32 buffer that reuses ``logits`` when it is fp32). One [rows, vocab] fp32 buffer and nothing else
+    of that size: the softmax is taken in place as exp(x - max) / sum (logsumexp would allocate a
+    [rows, vocab] temporary, which on a CPU costs more than its arithmetic: fresh pages)."""
     labels = labels.long()
     x = logits.float() if logits.dtype != torch.float32 else logits
     x.mul_(scale)  # in place when the logits are fp32: the caller's buffer becomes the gradient
-    lse = torch.logsumexp(x, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0)
     target = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    row_max = x.amax(dim=-1)
+    e = x.sub_(row_max.unsqueeze(-1)).exp_()
+    denominator = e.sum(dim=-1)
+    lse = row_max + denominator.log()
     loss = lse - target
     if z_loss:
         loss = loss + z_loss * lse * lse
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     factor = torch.where(valid, grad_rows.float().expand(labels.shape[0]) * scale, torch.zeros_like(lse))
     coef = factor * (1.0 + 2.0 * z_loss * lse) if z_loss else factor
-    grad = x.sub_(lse.unsqueeze(-1)).exp_().mul_(coef.unsqueeze(-1))
+    grad = e.mul_((coef / denominator).unsqueeze(-1))
     grad.scatter_add_(-1, safe.unsqueeze(-1), -factor.unsqueeze(-1))
     return loss, grad
 

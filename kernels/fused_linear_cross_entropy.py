@@ -328,13 +328,12 @@ def fused_linear_vocab_parallel_cross_entropy(hidden: torch.Tensor, weight_shard
 def fused_linear_cross_entropy_workspace_bytes(tokens: int, hidden_size: int, local_vocab: int,
                                                compute_dtype: torch.dtype, hidden_dtype: torch.dtype,
                                                weight_dtype: torch.dtype, chunk_tokens: Optional[int] = None,
-                                               triton_path: bool = False, *, valid_rows: Optional[int] = None,
-                                               tensor_parallel: bool = False) -> int:
+                                               triton_path: bool = False, *, valid_rows: Optional[int] = None) -> int:
     """Bytes the fused path (forward + backward, both gradients wanted, reduction "mean" or "sum") holds at
     its peak beyond its inputs, for T = ``tokens``, H = ``hidden_size``, V = ``local_vocab`` (this rank's
     weight rows, padding included), Vr = ``valid_rows`` (default V) real rows, c = the chunk (default
     ``default_chunk_tokens(T, V)``), L = c * Vr logits elements per chunk; b(x) is x's element size and
-    cd the compute dtype. ``tensor_parallel``: the vocabulary-parallel chunk (group size > 1).
+    cd the compute dtype. The same whether the vocabulary is split over ranks or not.
 
     Held for the whole forward (P):
       4 V H            the fp32 weight-gradient accumulator (zeros, padding rows included)
@@ -344,9 +343,8 @@ def fused_linear_cross_entropy_workspace_bytes(tokens: int, hidden_size: int, lo
       b(cd) Vr H       the real weight rows cast to the compute dtype, when the weight's dtype is not cd
     One chunk at a time, on top of P, the largest of these moments:
       A  computing the statistics:  Triton: b(cd) L (the logits; gradient written in place).
-                                    torch, one rank: the logits b(cd) L, their fp32 copy 4 L when cd is
-                                    not fp32 (in place when it is), and logsumexp's fp32 temporary 4 L.
-                                    torch, vocab-parallel: b(cd) L, plus 4 L when cd is not fp32 (the
+                                    torch (one rank or vocab-parallel): the logits b(cd) L, plus their
+                                    fp32 copy 4 L when cd is not fp32 (in place when it is; the
                                     statistics leave exp(x - max) in that buffer: no temporary).
       B  torch, cd not fp32: the fp32 gradient 4 L and its cast to cd b(cd) L (the logits freed).
       C  the matmuls: the gradient b(cd) L, plus the larger of the hidden-gradient product b(cd) c H
@@ -368,12 +366,7 @@ def fused_linear_cross_entropy_workspace_bytes(tokens: int, hidden_size: int, lo
     persistent = 4 * V * H + hb * T * H + 4 * T
     persistent += cb * T * H if hidden_dtype != compute_dtype else 0
     persistent += cb * Vr * H if weight_dtype != compute_dtype else 0
-    if triton_path:
-        a = cb * L
-    elif tensor_parallel:
-        a = cb * L + (4 * L if low else 0)
-    else:
-        a = cb * L + (4 * L if low else 0) + 4 * L
+    a = cb * L if triton_path else cb * L + (4 * L if low else 0)
     b = (4 + cb) * L if (low and not triton_path) else 0
     c_moment = cb * L + max(cb * c * H if hidden_dtype != compute_dtype else 0, cb * Vr * H if low else 0)
     end = 4 * V * H + hb * T * H + 4 * T + (wb * V * H if weight_dtype != torch.float32 else 0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
-import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 

@@ -45,7 +45,7 @@ def test_sequential_temporaries_do_not_add_up():
     def fn():
         for _ in range(5):
             t = torch.ones(2 * MB)  # 8 MiB, freed at the next assignment... after the new one exists
-            t = None
+            del t
         return 0
     _, peak = peak_bytes(fn)
     close(peak, 8 * MB)

@@ -11,11 +11,14 @@ and MFU (where the device's peak is known). One process: the trainer's own step 
 alternately, ``--rounds`` times each, in fresh processes on the same machine, then prints both
 medians and the ratio (this tree / REF): a speed target is a ratio measured side by side.
 
-``--vs-hf`` times, in this process and in alternating rounds, megacpm's step against the naive loop it
-replaces: transformers' ``LlamaForCausalLM`` loaded from the ``--llama-format`` export of the same
-weights (so the same function: the first batch's losses are checked to agree before anything is
+``--compile`` times megacpm's step with ``train.compile`` (each decoder block compiled) against the
+eager one, in this process and in alternating rounds, and prints the ratio and the compile time.
+``--vs-hf`` times, in the same way, megacpm's step against the naive loop it replaces: transformers'
+``LlamaForCausalLM`` loaded from the ``--llama-format`` export of the same weights (so the same function: the first batch's losses are checked to agree before anything is
 timed), a plain cross entropy on its logits, ``clip_grad_norm_`` and ``torch.optim.AdamW``, on the
 same batches and micro-batching. It prints both tokens/s and the ratio (megacpm / transformers).
+Both print each loop's achieved FLOP/s as a fraction of this machine's dense GEMM rate, measured in
+the same run at the model's LM-head shape: how much room a faster step has left.
 
 The batch is random token ids (the data pipeline is not what this measures); the model, optimizer,
 precision and micro-batching are the trainer's own.
@@ -23,6 +26,7 @@ precision and micro-batching are the trainer's own.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -147,7 +151,7 @@ class NaiveLlamaLoop:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                            weight_decay=o.weight_decay)
         self.cfg, self.device = cfg, device
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.uses_bf16 and device.type == "cuda")
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.uses_bf16(device.type) and device.type == "cuda")
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         with self.autocast:
@@ -168,42 +172,116 @@ class NaiveLlamaLoop:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def compare_with_hf(cfg, steps: int, warmup: int, rounds: int) -> dict:
-    """megacpm's step against NaiveLlamaLoop on the same weights and batches, alternating rounds of
-    ``steps`` steps each in this process; medians of the per-step times."""
+def gemm_flops(cfg, device: torch.device, repeats: int = 5) -> float:
+    """The machine's dense matmul rate at this model's largest GEMM (a micro-batch's tokens x hidden
+    times hidden x vocab, in the parameter dtype): the ceiling a step made of GEMMs can approach."""
+    t = cfg.train
+    dtype = param_dtype(cfg, device)
+    a = torch.randn(t.micro_batch_size * t.seq_len, cfg.model.hidden_size, device=device, dtype=dtype)
+    b = torch.randn(cfg.model.hidden_size, cfg.model.vocab_size, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - start)
+
+
+class _OurLoop:
+    """megacpm's trainer step (TrainModule), eager or with train.compile."""
+
+    def __init__(self, cfg, device: torch.device, compiled: bool):
+        cfg = copy.deepcopy(cfg)
+        cfg.train.compile = compiled
+        self.module = TrainModule(cfg, ParallelContext.single(device), generator=torch.Generator().manual_seed(cfg.train.seed),
+                                  param_dtype=param_dtype(cfg, device))
+        self.lr = cfg.optim.lr
+
+    def loss(self, batch: Batch) -> float:
+        return self.module.evaluate(batch)["loss"]
+
+    def step(self, batch: Batch) -> None:
+        self.module.step(batch, self.lr)
+
+
+def compare_loops(cfg, steps: int, warmup: int, rounds: int, compiled: bool, hf: bool) -> dict:
+    """megacpm's eager step against its compiled step (``compiled``) and/or NaiveLlamaLoop (``hf``) on
+    the same weights and batches, alternating rounds of ``steps`` steps each in this process; tokens/s
+    from the medians of the per-step times, their ratios, and each loop's achieved FLOP/s against the
+    machine's GEMM rate measured here too."""
     device = resolve_device(cfg)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     t = cfg.train
-    ours = TrainModule(cfg, ParallelContext.single(device), generator=torch.Generator().manual_seed(t.seed),
-                       param_dtype=param_dtype(cfg, device))
-    weights = {name: p.detach().float().cpu() for name, p in ours.model.params_by_name().items()}
-    theirs = NaiveLlamaLoop(cfg, weights, device)
+    loops = {"megacpm": _OurLoop(cfg, device, compiled=False)}
+    if compiled:
+        loops["megacpm_compiled"] = _OurLoop(cfg, device, compiled=True)
+    if hf:
+        weights = {name: p.detach().float().cpu() for name, p in loops["megacpm"].module.model.params_by_name().items()}
+        loops["transformers"] = NaiveLlamaLoop(cfg, weights, device)
     batches = random_batches(cfg, warmup + rounds * steps)
-    # The same function, or the ratio means nothing: both losses on the first batch, untrained.
-    our_loss, their_loss = ours.evaluate(batches[0])["loss"], theirs.loss(batches[0])
-    tolerance = 1e-4 if not t.uses_bf16 else 3e-2
-    if abs(our_loss - their_loss) > tolerance * max(1.0, abs(our_loss)):
-        raise SystemExit(f"bench_train: error: megacpm's loss {our_loss:.6f} and the Llama export's {their_loss:.6f} "
-                         f"differ on the same weights: not the same function, no comparison")
-    for batch in batches[:warmup]:
-        ours.step(batch, cfg.optim.lr)
-        theirs.step(batch)
-    timings = {"megacpm": [], "transformers": []}
+    # The same function, or a ratio means nothing: every loop's loss on the first batch, untrained.
+    first = {name: loop.loss(batches[0]) for name, loop in loops.items()}
+    tolerance = 1e-4 if not t.uses_bf16(device.type) else 3e-2
+    for name, value in first.items():
+        if abs(value - first["megacpm"]) > tolerance * max(1.0, abs(first["megacpm"])):
+            raise SystemExit(f"bench_train: error: megacpm's loss {first['megacpm']:.6f} and {name}'s {value:.6f} "
+                             f"differ on the same weights: not the same function, no comparison")
+    for batch in batches[:warmup]:  # the compiled loop compiles here
+        for loop in loops.values():
+            loop.step(batch)
+    timings = {name: [] for name in loops}
     for r in range(rounds):
         chunk = batches[warmup + r * steps: warmup + (r + 1) * steps]
-        for name, run in (("megacpm", lambda b: ours.step(b, cfg.optim.lr)), ("transformers", theirs.step)):
+        for name, loop in loops.items():
             for batch in chunk:
                 synchronize(device)
                 start = time.perf_counter()
-                run(batch)
+                loop.step(batch)
                 synchronize(device)
                 timings[name].append(time.perf_counter() - start)
     tokens = t.global_batch_size * t.seq_len
-    result = {name: tokens / statistics.median(times) for name, times in timings.items()}
-    return {"config": cfg.run.name, "tokens_per_step": tokens, "first_loss_megacpm": our_loss,
-            "first_loss_transformers": their_loss, "megacpm_tokens_per_sec": result["megacpm"],
-            "transformers_tokens_per_sec": result["transformers"], "ratio": result["megacpm"] / result["transformers"]}
+    flops = flops_per_token(cfg.model, t.seq_len)["training"]
+    result = {"config": cfg.run.name, "tokens_per_step": tokens, "gemm_flops": gemm_flops(cfg, device)}
+    for name, times in timings.items():
+        rate = tokens / statistics.median(times)
+        result[f"{name}_tokens_per_sec"] = rate
+        result[f"{name}_achieved_flops"] = rate * flops
+        result[f"first_loss_{name}"] = first[name]
+    if hf:
+        result["ratio"] = result["megacpm_tokens_per_sec"] / result["transformers_tokens_per_sec"]
+    if compiled:
+        result["compiled_vs_eager"] = result["megacpm_compiled_tokens_per_sec"] / result["megacpm_tokens_per_sec"]
+        stats = loops["megacpm_compiled"].module.model.compile_stats
+        result["compile_seconds"] = sum(stats.seconds.values())
+        result["compiled_graphs"] = dict(stats.graphs)
+        if hf:
+            result["compiled_vs_transformers"] = (result["megacpm_compiled_tokens_per_sec"]
+                                                  / result["transformers_tokens_per_sec"])
+    return result
+
+
+def print_comparison(result: dict) -> None:
+    losses = ", ".join(f"{key[len('first_loss_'):]} {value:.6f}" for key, value in result.items()
+                       if key.startswith("first_loss_"))
+    print(f"config {result['config']}: first-batch loss {losses}")
+    gemm = result["gemm_flops"]
+    labels = {"megacpm": "megacpm", "megacpm_compiled": "megacpm (train.compile)",
+              "transformers": "transformers (LlamaForCausalLM + AdamW)"}
+    for name, label in labels.items():
+        if f"{name}_tokens_per_sec" in result:
+            achieved = result[f"{name}_achieved_flops"]
+            print(f"  {label:<40} {result[f'{name}_tokens_per_sec']:>9,.0f} tok/s  {achieved / 1e9:7.1f} GFLOP/s "
+                  f"({100 * achieved / gemm:.0f}% of this machine's GEMM rate)")
+    print(f"  GEMM rate here: {gemm / 1e9:.1f} GFLOP/s ([micro-batch tokens, hidden] x [hidden, vocab])")
+    if "ratio" in result:
+        print(f"  megacpm / transformers           {result['ratio']:.3f}")
+    if "compiled_vs_eager" in result:
+        print(f"  compiled / eager megacpm         {result['compiled_vs_eager']:.3f} "
+              f"(compiling: {result['compile_seconds']:.1f} s in the backend, graphs {result['compiled_graphs']})")
+    if "compiled_vs_transformers" in result:
+        print(f"  compiled megacpm / transformers  {result['compiled_vs_transformers']:.3f}")
 
 
 def _run_here_and_there(tree: Path, argv) -> float:
@@ -254,6 +332,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-hf", action="store_true",
                         help="time megacpm's step against transformers' LlamaForCausalLM + torch AdamW "
                              "(the same weights), in alternating rounds; print the ratio")
+    parser.add_argument("--compile", action="store_true",
+                        help="time megacpm's step with train.compile against the eager one (and against "
+                             "transformers with --vs-hf), in alternating rounds; print the ratios")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -264,16 +345,12 @@ def main(argv=None) -> int:
     if args.against:
         forwarded = [args.config, f"--steps={args.steps}", f"--warmup={args.warmup}", *overrides]
         return compare(args.against, args.rounds, forwarded)
-    if args.vs_hf:
-        versus = compare_with_hf(cfg, args.steps, args.warmup, args.rounds)
+    if args.vs_hf or args.compile:
+        versus = compare_loops(cfg, args.steps, args.warmup, args.rounds, compiled=args.compile, hf=args.vs_hf)
         if args.json:
             print(json.dumps(versus))
         else:
-            print(f"config {versus['config']}: first-batch loss megacpm {versus['first_loss_megacpm']:.6f}, "
-                  f"transformers {versus['first_loss_transformers']:.6f}")
-            print(f"  megacpm       {versus['megacpm_tokens_per_sec']:,.0f} tok/s")
-            print(f"  transformers  {versus['transformers_tokens_per_sec']:,.0f} tok/s (LlamaForCausalLM + AdamW)")
-            print(f"  ratio         {versus['ratio']:.3f} (megacpm / transformers)")
+            print_comparison(versus)
         return 0
     result = measure(cfg, args.steps, args.warmup)
     if args.json:

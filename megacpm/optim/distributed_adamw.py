@@ -87,11 +87,11 @@ class DistributedAdamW:
 
         All-reduce it over DP x model-parallel when sharded, over model-parallel otherwise.
         """
-        total = torch.zeros((), dtype=torch.float32, device=self.master.device)
-        for seg in self.segments:
-            if counted(seg.param):
-                total += self._grad(seg).square().sum()
-        return total
+        grads = [self._grad(seg) for seg in self.segments if counted(seg.param)]
+        if not grads:
+            return torch.zeros((), dtype=torch.float32, device=self.master.device)
+        # One fused reduction per segment and no gradient-sized temporaries (square() would make one).
+        return torch.stack(torch._foreach_norm(grads)).square().sum()
 
     def scale_grads(self, factor: float) -> None:
         for seg in self.segments:

@@ -87,12 +87,12 @@ class ShardedOptimizer:
             total += squares
         return all_reduce_(total, self.ctx.group("model_parallel")).sqrt()
 
-    def clip(self, norm: torch.Tensor) -> None:
+    def clip(self, norm) -> None:
         """Scale the gradients to optim.clip_grad when the (finite) norm exceeds it."""
-        max_norm = self.optim_cfg.clip_grad
-        if max_norm > 0 and math.isfinite(float(norm)) and norm > max_norm:
+        max_norm, norm = self.optim_cfg.clip_grad, float(norm)  # one host read of the norm
+        if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
             for adamw in self.adamw.values():
-                adamw.scale_grads(float(max_norm / norm))
+                adamw.scale_grads(max_norm / norm)
 
     def step(self, lr: float) -> None:
         for adamw in self.adamw.values():

@@ -64,7 +64,7 @@ def loss_head_bytes(cfg: Config, device_type: str) -> int:
     local_vocab = -(-m.vocab_size // tp)
     return fused_linear_cross_entropy_workspace_bytes(
         t.micro_batch_size * t.seq_len, m.hidden_size, local_vocab, compute_dtype=dtype, hidden_dtype=dtype,
-        weight_dtype=dtype, triton_path=device_type == "cuda", tensor_parallel=tp > 1)
+        weight_dtype=dtype, triton_path=device_type == "cuda")
 
 
 def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "cuda",

@@ -91,8 +91,8 @@ class TrainModule:
         objective's), global and identical on every rank. The update is skipped when the loss or
         the norm is not finite, so the caller can stop without having changed the weights."""
         metrics, norm = self.compute_gradients(batch)
-        if math.isfinite(metrics["loss"]) and math.isfinite(float(norm)):
-            self.apply_gradients(norm, lr)
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+            self.apply_gradients(metrics["grad_norm"], lr)  # the norm as read once, a float
         return metrics
 
     def compute_gradients(self, batch: Batch):
@@ -118,7 +118,7 @@ class TrainModule:
         metrics["grad_norm"] = float(norm)
         return metrics, norm
 
-    def apply_gradients(self, norm: torch.Tensor, lr: float) -> None:
+    def apply_gradients(self, norm, lr: float) -> None:
         """Clip to optim.clip_grad by the global norm, then the AdamW update at ``lr``."""
         self.optimizer.clip(norm)
         self.optimizer.step(lr)

@@ -5,8 +5,7 @@ import shutil
 import pytest
 import torch
 
-from megacpm.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint,
-                                save_checkpoint_async)
+from megacpm.checkpoint import (TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint_async)
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed

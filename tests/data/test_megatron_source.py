@@ -23,7 +23,7 @@ def write_corpus(prefix, documents=60, seed=0):
 
 
 def config(prefix, *extra):
-    return load_config("tiny", [f"--data.source=megatron", f"--data.path={prefix}", f"--model.vocab_size={VOCAB}",
+    return load_config("tiny", ["--data.source=megatron", f"--data.path={prefix}", f"--model.vocab_size={VOCAB}",
                                 "--train.seq_len=32", "--data.val_fraction=0.1", *extra])
 
 
@@ -102,7 +102,6 @@ def test_a_mixture_blends_the_datasets_by_weight(tmp_path):
 
 @pytest.mark.slow
 def test_a_branch_switches_the_mixture_at_its_first_step(tmp_path, capfd):
-    from megacpm.data.blending import build_blending_indices
     from megacpm.train.trainer import Trainer
     from megacpm.checkpoint import latest_checkpoint
 

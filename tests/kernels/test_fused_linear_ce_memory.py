@@ -80,8 +80,7 @@ def tp_worker(tokens, vocab, hidden_size, chunk):
 
     _, measured = peak_bytes(step)
     estimated = fused_linear_cross_entropy_workspace_bytes(tokens, hidden_size, local, F32, F32, F32,
-                                                           chunk_tokens=chunk, valid_rows=valid,
-                                                           tensor_parallel=True)
+                                                           chunk_tokens=chunk, valid_rows=valid)
     return measured, estimated, valid
 
 

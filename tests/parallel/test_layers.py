@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from megacpm.parallel.context import ParallelContext
-from megacpm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard
+from megacpm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megacpm.parallel.mappings import scatter_to_sp
 from tests.distributed import run_distributed
 

@@ -1,6 +1,5 @@
 """The TP/SP mappings over 2 gloo processes: forward and backward against their analytic definitions."""
 import torch
-import torch.distributed as dist
 
 from megacpm.parallel import mappings
 from megacpm.parallel.context import ParallelContext

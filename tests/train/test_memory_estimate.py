@@ -54,7 +54,7 @@ def measured_loss_head(cfg):
 SETTINGS = [
     # (hidden, vocab, micro_batch, seq_len, tp)
     (32, 65536, 2, 1024, 1),  # logits-dominated: two chunks of 1024 tokens by the default rule
-    (256, 8000, 1, 512, 1),  # one chunk; the fp32 weight-gradient accumulator matters
+    (256, 8000, 1, 1024, 1),  # one chunk; the fp32 weight-gradient accumulator matters
     (32, 65537, 2, 1024, 2),  # vocab-parallel, padded to 32769 rows per rank, chunks of 2047 tokens
 ]
 

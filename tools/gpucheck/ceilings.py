@@ -3,6 +3,8 @@ device-to-device copy bandwidth (bytes read + bytes written) and the bf16 matrix
 random data."""
 from __future__ import annotations
 
+import functools
+
 from typing import List
 
 import torch
@@ -16,7 +18,7 @@ def run(env: Env) -> List[Row]:
     elems = (1 << 28) if env.cuda else (1 << 16)  # 1 GiB of fp32 each way on a GPU: far past the L2
     src = torch.rand(elems, generator=g, device=dev)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), env)
+    ms = median_ms(functools.partial(dst.copy_, src), env)
     copy_gbps = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
     del src, dst
     n = 8192 if env.cuda else 64

@@ -1,5 +1,6 @@
 """Training through `megacpm train` itself: tokens/s, MFU, peak memory against `megacpm info`,
-recomputation on and off, and a checkpoint resumed on the device with the same next losses.
+recomputation on and off, compiled blocks (train.compile) against eager, and a checkpoint resumed on
+the device with the same next losses.
 
 On a GPU: MiniCPM-1.2B in bf16 at seq 4096 (micro-batch 2, global batch 8: four micro-batches on
 one GPU), the same with activation checkpointing, the wt-36m wind-tunnel shape, and a wt-9m run
@@ -168,6 +169,23 @@ def throughput_rows(section: Section, label: str, config: str, overrides: List[s
     return rows
 
 
+def compiled_rows(section: Section, label: str, config: str, overrides: List[str],
+                  eager_rows: List[Row]) -> List[Row]:
+    """The run of ``eager_rows`` again with train.compile: its throughput rows, the compiled / eager
+    tokens/s ratio, and whether any graph recompiled after the first step."""
+    rows = throughput_rows(section, f"{label}, train.compile", config, [*overrides, "--train.compile=true"])
+    eager = next((r.value for r in eager_rows if "tokens/s" in r.name and r.value), None)
+    compiled = next((r.value for r in rows if "tokens/s" in r.name and r.value), None)
+    if eager and compiled:
+        rows.append(Row(f"{label}: compiled / eager tokens/s", None, compiled / eager, "x"))
+    log = section.env.out_dir / f"{re.sub(r'[^a-z0-9.]+', '-', f'{label}, train.compile'.lower()).strip('-')}.log"
+    if log.is_file():
+        text = log.read_text()
+        rows.append(Row(f"{label}, train.compile: no recompilation after the first step", "recompiled" not in text,
+                        detail=next((line for line in text.splitlines() if "compiled the decoder blocks" in line), "")))
+    return rows
+
+
 def resume_rows(section: Section, config: str, overrides: List[str]) -> List[Row]:
     """4 steps saving at 2 and 4; a fresh run directory holding only step_2 (as `latest`) continues
     to step 4: its step-3 and step-4 losses against the original's."""
@@ -209,6 +227,8 @@ def run(env: Env) -> List[Row]:
         steps = ["--train.steps=5"]
         rows = throughput_rows(section, "shrunk tiny (rehearsal)", base[0],
                                [*base[1], *steps, "--train.activation_checkpointing=false"])
+        rows += compiled_rows(section, "shrunk tiny (rehearsal)", base[0],
+                              [*base[1], *steps, "--train.activation_checkpointing=false"], rows)
         rows += throughput_rows(section, "shrunk tiny, recompute (rehearsal)", base[0],
                                 [*base[1], *steps, "--train.activation_checkpointing=true"])
         rows += resume_rows(section, base[0], base[1])
@@ -231,6 +251,8 @@ def run(env: Env) -> List[Row]:
     # The preset recomputes by default: the main run turns it off, the second one on.
     rows = throughput_rows(section, "MiniCPM-1.2B bf16 seq 4096", "minicpm-1.2b",
                            [*big, "--train.activation_checkpointing=false"], mfu_check=True)
+    rows += compiled_rows(section, "MiniCPM-1.2B bf16 seq 4096", "minicpm-1.2b",
+                          [*big, "--train.activation_checkpointing=false"], rows)
     rows += resume_rows(section, "wt-9m", wt)
     rows += throughput_rows(section, "wt-36m bf16 seq 512", "wt-36m",
                             [*wt, "--train.steps=8", "--checkpoint.interval=1000"], memory_check=False)
