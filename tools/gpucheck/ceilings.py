@@ -4,7 +4,6 @@ random data."""
 from __future__ import annotations
 
 import functools
-
 from typing import List
 
 import torch
