@@ -17,8 +17,9 @@ eager one, in this process and in alternating rounds, and prints the ratio and t
 ``LlamaForCausalLM`` loaded from the ``--llama-format`` export of the same weights (so the same function: the first batch's losses are checked to agree before anything is
 timed), a plain cross entropy on its logits, ``clip_grad_norm_`` and ``torch.optim.AdamW``, on the
 same batches and micro-batching. It prints both tokens/s and the ratio (megacpm / transformers).
-Both print each loop's achieved FLOP/s as a fraction of this machine's dense GEMM rate, measured in
-the same run at the model's LM-head shape: how much room a faster step has left.
+Both print, per loop, the share of its step that the weight matmuls alone would take at this machine's
+dense GEMM rate (measured in the same run at the model's LM-head shape): the rest is all that any
+faster step could remove.
 
 The batch is random token ids (the data pipeline is not what this measures); the model, optimizer,
 precision and micro-batching are the trainer's own.
@@ -47,7 +48,7 @@ from megacpm.data.batch import IGNORE_INDEX, Batch  # noqa: E402
 from megacpm.model import count_parameters  # noqa: E402
 from megacpm.parallel.context import ParallelContext  # noqa: E402
 from megacpm.train.device import param_dtype, resolve_device  # noqa: E402
-from megacpm.train.flops import flops_per_token  # noqa: E402
+from megacpm.train.flops import flops_per_token, matmul_parameters  # noqa: E402
 from megacpm.train.train_module import TrainModule  # noqa: E402
 
 # Dense bf16 peak FLOP/s of known accelerators (vendor datasheets), for MFU.
@@ -172,20 +173,28 @@ class NaiveLlamaLoop:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def gemm_flops(cfg, device: torch.device, repeats: int = 5) -> float:
-    """The machine's dense matmul rate at this model's largest GEMM (a micro-batch's tokens x hidden
-    times hidden x vocab, in the parameter dtype): the ceiling a step made of GEMMs can approach."""
+def gemm_flops(cfg, device: torch.device, trials: int = 3, min_seconds: float = 0.2) -> float:
+    """The machine's dense matmul rate at this model's sizes: the LM head's three products (logits
+    [T, H] x [H, V], hidden gradient [T, V] x [V, H], weight gradient [V, T] x [T, H], T a micro-batch's
+    tokens), in the parameter dtype, each timed ``trials`` times for at least ``min_seconds``; the best
+    rate, so neither a busy moment nor an awkward shape lowers the ceiling."""
     t = cfg.train
     dtype = param_dtype(cfg, device)
-    a = torch.randn(t.micro_batch_size * t.seq_len, cfg.model.hidden_size, device=device, dtype=dtype)
-    b = torch.randn(cfg.model.hidden_size, cfg.model.vocab_size, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    tokens, hidden, vocab = t.micro_batch_size * t.seq_len, cfg.model.hidden_size, cfg.model.vocab_size
+    best = 0.0
+    for m, k, n in ((tokens, hidden, vocab), (tokens, vocab, hidden), (vocab, tokens, hidden)):
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
         a @ b
-    synchronize(device)
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1] * repeats / (time.perf_counter() - start)
+        for _ in range(trials):
+            calls, start = 0, time.perf_counter()
+            synchronize(device)
+            while time.perf_counter() - start < min_seconds:
+                a @ b
+                calls += 1
+                synchronize(device)
+            best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start))
+    return best
 
 
 class _OurLoop:
@@ -243,11 +252,16 @@ def compare_loops(cfg, steps: int, warmup: int, rounds: int, compiled: bool, hf:
                 timings[name].append(time.perf_counter() - start)
     tokens = t.global_batch_size * t.seq_len
     flops = flops_per_token(cfg.model, t.seq_len)["training"]
-    result = {"config": cfg.run.name, "tokens_per_step": tokens, "gemm_flops": gemm_flops(cfg, device)}
+    weight_flops = 6 * matmul_parameters(cfg.model)  # per token: the weight matmuls, forward and backward
+    gemm = gemm_flops(cfg, device)
+    result = {"config": cfg.run.name, "tokens_per_step": tokens, "gemm_flops": gemm}
     for name, times in timings.items():
         rate = tokens / statistics.median(times)
         result[f"{name}_tokens_per_sec"] = rate
         result[f"{name}_achieved_flops"] = rate * flops
+        # The share of the step the weight GEMMs alone would take at the measured GEMM rate: what
+        # is left (attention, norms, the optimizer, overhead) is all a faster step can remove.
+        result[f"{name}_weight_gemm_share"] = rate * weight_flops / gemm
         result[f"first_loss_{name}"] = first[name]
     if hf:
         result["ratio"] = result["megacpm_tokens_per_sec"] / result["transformers_tokens_per_sec"]
@@ -272,9 +286,10 @@ def print_comparison(result: dict) -> None:
     for name, label in labels.items():
         if f"{name}_tokens_per_sec" in result:
             achieved = result[f"{name}_achieved_flops"]
-            print(f"  {label:<40} {result[f'{name}_tokens_per_sec']:>9,.0f} tok/s  {achieved / 1e9:7.1f} GFLOP/s "
-                  f"({100 * achieved / gemm:.0f}% of this machine's GEMM rate)")
-    print(f"  GEMM rate here: {gemm / 1e9:.1f} GFLOP/s ([micro-batch tokens, hidden] x [hidden, vocab])")
+            print(f"  {label:<40} {result[f'{name}_tokens_per_sec']:>9,.0f} tok/s  {achieved / 1e9:7.1f} model "
+                  f"GFLOP/s, weight GEMMs {100 * result[f'{name}_weight_gemm_share']:.0f}% of the step")
+    print(f"  GEMM rate here: {gemm / 1e9:.1f} GFLOP/s (the best of the LM head's three products); "
+          f"'weight GEMMs' = 6 x matmul weights x tokens/s at that rate")
     if "ratio" in result:
         print(f"  megacpm / transformers           {result['ratio']:.3f}")
     if "compiled_vs_eager" in result:

@@ -123,7 +123,7 @@ def test_a_lost_rank_stops_the_others_with_a_clear_error(tmp_path, data_cache, h
         assert f"parallel.timeout_s={timeout_s}s" in err and "Timed out" in err
 
 
-def test_sigterm_to_torchrun_saves_and_a_new_layout_resumes_the_run(tmp_path, data_cache, single):
+def test_sigterm_to_torchrun_saves_and_a_new_compiled_layout_resumes_the_run(tmp_path, data_cache, single):
     process = start_torchrun(2, *_train_args(tmp_path, data_cache, "--parallel.tp=2", "--checkpoint.interval=0"))
     while not ((tmp_path / "metrics.jsonl").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2):
         assert process.poll() is None, process.communicate()[1][-3000:]
@@ -133,7 +133,9 @@ def test_sigterm_to_torchrun_saves_and_a_new_layout_resumes_the_run(tmp_path, da
     saved = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
     assert f"saved {tmp_path}/checkpoints/step_{saved}" in out
     assert saved < STEPS, "the run finished before the signal: make it longer"
-    result = run_torchrun(2, *_train_args(tmp_path, data_cache, "--parallel.pp=2"))
+    # Resumed under another layout and with compiled blocks: neither changes the run.
+    result = run_torchrun(2, *_train_args(tmp_path, data_cache, "--parallel.pp=2", "--train.compile=true"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"from step {saved + 1}" in result.stdout
+    assert f"from step {saved + 1}" in result.stdout and "compiled blocks" in result.stdout
+    assert "recompiled" not in result.stderr
     _assert_same_run(tmp_path, single)
