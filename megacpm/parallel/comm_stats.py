@@ -7,8 +7,8 @@
 Every torch.distributed collective and point-to-point call reaches the dispatcher as a ``c10d`` op,
 or, inside a block compiled by torch.compile, as the ``_c10d_functional`` op it was traced into
 (the mode lets the compiled graphs run and sees their ops), so a dispatch mode active around a step
-sees all of them, from the TP mappings, the vocab-parallel loss, the gradient buckets, ZeRO and the pipeline alike,
-without any of that code knowing it is being counted. The mode is a context manager held by the
+sees all of them, from the TP mappings, the vocab-parallel loss, the gradient buckets, ZeRO and the
+pipeline alike, without any of that code knowing it is being counted. The mode is a context manager held by the
 caller: nothing global, and nothing is counted outside it. It costs Python dispatch on every op while
 active, so the trainer enables it on logged steps only (a layout moves the same bytes every step).
 

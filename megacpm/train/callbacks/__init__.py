@@ -1,7 +1,8 @@
 """What happens around each training step besides the step itself: the reporting sinks
 (metrics.jsonl, TensorBoard, the console, W&B), the GPU monitor, communication accounting,
-evaluation, checkpoints and stopping, the profiler, train.compile's compilations. Each is a Callback (megacpm.train.callbacks.base)
-in its own module; the trainer builds the list and calls the hooks in order.
+evaluation, checkpoints and stopping, the profiler, train.compile's compilations. Each is a Callback
+(megacpm.train.callbacks.base) in its own module; the trainer builds the list and calls the hooks in
+order.
 """
 from megacpm.train.callbacks.base import Callback, CallbackList, Record, Sink, is_log_step
 from megacpm.train.callbacks.checkpointing import Checkpointing, StopRequest
@@ -16,6 +17,6 @@ from megacpm.train.callbacks.records import StepRecords
 from megacpm.train.callbacks.tensorboard import TensorBoard
 from megacpm.train.callbacks.wandb_logger import WandB, import_wandb
 
-__all__ = ["Callback", "CallbackList", "Checkpointing", "CommStats", "CompileMonitor", "Console", "Evaluation", "GpuMonitor",
-           "MetricsFile", "Profiler", "Record", "Sink", "StepRecords", "StopRequest", "TensorBoard", "WandB",
+__all__ = ["Callback", "CallbackList", "Checkpointing", "CommStats", "CompileMonitor", "Console", "Evaluation",
+           "GpuMonitor", "MetricsFile", "Profiler", "Record", "Sink", "StepRecords", "StopRequest", "TensorBoard", "WandB",
            "import_wandb", "is_eval_step", "is_log_step", "trace_path"]
