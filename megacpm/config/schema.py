@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, get_args
+from typing import Any, Dict, List, Literal, Optional, Union, get_args
 
 # The choices of every string field with a fixed set of values: the Literal types are their one
 # home (the loader checks a value against them; code that needs the list reads it from here).
@@ -17,7 +17,8 @@ Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
 ScheduleKind = Literal["wsd", "cosine", "constant"]
 DecayShape = Literal["exp", "linear", "cosine", "1-sqrt"]
-DataSource = Literal["embedded", "text", "megatron"]
+DataSource = Literal["embedded", "text", "megatron", "sft", "preference"]
+TooLong = Literal["drop", "truncate"]
 WandbMode = Literal["online", "offline"]
 
 ATTENTION_IMPLS = get_args(AttentionImpl)
@@ -27,6 +28,9 @@ SCHEDULE_KINDS = get_args(ScheduleKind)
 DECAY_SHAPES = get_args(DecayShape)
 DATA_SOURCES = get_args(DataSource)
 WANDB_MODES = get_args(WandbMode)
+TOO_LONG_POLICIES = get_args(TooLong)
+CHAT_SOURCES = ("sft", "preference")  # the data sources of chat samples (megacpm.data.chat)
+BUILTIN_CHAT_TEMPLATES = ("minicpm", "chatml", "none")  # data.chat_template: these, or a template file
 
 
 @dataclass
@@ -114,6 +118,10 @@ class TrainConfig:
     # on the first step (the log says how long), reused by every layer; a recompile is logged.
     compile: bool = False
     num_threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    # Start from these weights (optimizer state and step fresh): a megacpm run directory (its latest
+    # checkpoint), a megacpm checkpoint directory or a Hugging Face MiniCPM directory. Fine-tuning
+    # (SFT after the decay, DPO after SFT) starts here; a resumed run ignores it.
+    init_from: Optional[str] = None
 
     def uses_bf16(self, device_type: str) -> bool:
         """Whether parameters and activations are bf16 on a device of this type ("cuda", "cpu"):
@@ -131,6 +139,9 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0  # 0 disables clipping
+    # muP's per-group LR (2-D weights at lr / m). False trains every group at lr (MiniCPM's DPO);
+    # the muP forward multipliers are part of the architecture and stay either way.
+    mup_lr_scaling: bool = True
 
 
 @dataclass
@@ -156,10 +167,12 @@ class DataConfig:
     ``source: text`` reads UTF-8 text files from ``path`` (a file or a directory).
     ``source: megatron`` reads a Megatron indexed dataset, ``path`` being its prefix (PREFIX.bin and
     PREFIX.idx, e.g. from tools/preprocess_data.py --append-eod), memory-mapped.
+    ``source: sft`` / ``preference`` read chat jsonl (``path``: a file, a directory of .jsonl files or
+    a list of them; see megacpm.data.chat), rendered by ``chat_template``.
     """
 
     source: DataSource = "embedded"
-    path: Optional[str] = None
+    path: Union[str, List[str], None] = None
     # source megatron only: several prefixes and their weights, {prefix: weight} (instead of path);
     # sample i of the mixture comes from the dataset furthest below its share (megacpm.data.blending).
     mixture: Optional[Dict[str, float]] = None
@@ -168,6 +181,16 @@ class DataConfig:
     val_fraction: float = 0.02  # documents held out for validation
     test_fraction: float = 0.0  # documents held out as a test split (neither trained nor evaluated on)
     max_corpus_mb: float = 8.0  # cap on the embedded corpus size
+    # Chat sources: "minicpm" (<用户>{user}<AI>{assistant}), "chatml", a template file, or "none"
+    # (prompt ids + response ids + the end-of-document token, no special text).
+    chat_template: str = "none"
+    # SFT: several samples per row of train.seq_len (positions restart per sample, attention stays
+    # inside it); off: one sample per row, padded.
+    packing: bool = False
+    # Pretraining sources: attention and positions restart after every end-of-document token.
+    document_mask: bool = False
+    # A chat sample longer than train.seq_len: dropped (counted and reported) or cut to fit.
+    too_long: TooLong = "drop"
 
 
 @dataclass
@@ -194,15 +217,28 @@ class LogConfig:
     profile_steps: Optional[List[int]] = None
 
 
-ObjectiveKind = Literal["lm"]  # SFT and DPO join here (megacpm.objectives.OBJECTIVES)
+ObjectiveKind = Literal["lm", "sft", "dpo"]  # megacpm.objectives.OBJECTIVES
+DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+ReferenceMode = Literal["precompute", "live"]
+OBJECTIVE_KINDS = get_args(ObjectiveKind)
+DPO_LOSSES = get_args(DpoLoss)
+REFERENCE_MODES = get_args(ReferenceMode)
 
 
 @dataclass
 class ObjectiveConfig:
     """What a training step minimises (megacpm.objectives): "lm" is next-token prediction with the
-    token-weighted mean cross entropy of the step."""
+    token-weighted mean cross entropy of the step; "sft" the same over the completion tokens of chat
+    samples; "dpo" direct preference optimisation over (chosen, rejected) pairs. The other fields
+    are DPO's."""
 
     kind: ObjectiveKind = "lm"
+    beta: float = 0.1
+    loss: DpoLoss = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only): the chance a label is flipped
+    # "precompute": the initial weights score every pair once into the run directory, then only the
+    # policy is in memory; "live": a frozen copy of the initial weights scores each batch.
+    reference: ReferenceMode = "precompute"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 from megacpm.config.loader import ConfigError, check_choice, check_finite, shown
 from megacpm.config.schedule import resolve_schedule
-from megacpm.config.schema import SECTIONS, Config
+from megacpm.config.schema import BUILTIN_CHAT_TEMPLATES, CHAT_SOURCES, SECTIONS, Config
 from megacpm.parallel.layout import LayoutError, ParallelLayout
 
 MAX_PROFILED_STEPS = 16  # log.profile_steps: each trace is tens of MB
@@ -121,7 +121,10 @@ def _not_a_directory(path: str) -> Optional[str]:
 def validate_paths(cfg: Config) -> None:
     """The run's own paths: set ones are real paths, and run.dir / data.cache_dir can be directories."""
     _check_path_text("run.dir", cfg.run.dir)
-    for key in ("path", "tokenizer", "cache_dir"):
+    _check_path_text("train.init_from", cfg.train.init_from)
+    for path in data_paths(cfg.data.path):
+        _check_path_text("data.path", path)
+    for key in ("tokenizer", "cache_dir"):
         _check_path_text(f"data.{key}", getattr(cfg.data, key))
     for prefix in cfg.data.mixture or {}:
         _check_path_text(f"data.mixture[{prefix!r}]", prefix, nullable=False)
@@ -130,6 +133,13 @@ def validate_paths(cfg: Config) -> None:
         problem = _not_a_directory(path) if path is not None else None
         if problem is not None:
             raise ConfigError(f"{key}: {problem}")
+
+
+def data_paths(path) -> list:
+    """data.path as a list: [] when unset, [path] for one (a list is given for several chat files)."""
+    if path is None:
+        return []
+    return list(path) if isinstance(path, list) else [path]
 
 
 def _missing(key: str, path: str, need_file: bool = False) -> None:
@@ -298,10 +308,15 @@ def validate_data(cfg: Config) -> None:
         for prefix in d.mixture:
             for path in (f"{prefix}.idx", f"{prefix}.bin"):
                 _missing("data.mixture", path, need_file=True)
-    elif d.source in ("text", "megatron"):
-        if d.path is None:
+    elif d.source in ("text", "megatron", *CHAT_SOURCES):
+        if d.path is None or d.path == []:
             raise ConfigError(f"data.path: required when data.source is '{d.source}'")
-        if d.source == "megatron":
+        if isinstance(d.path, list) and d.source not in CHAT_SOURCES:
+            raise ConfigError(f"data.path: one path for data.source '{d.source}' (a list is for chat jsonl files)")
+        if d.source in CHAT_SOURCES:
+            for path in data_paths(d.path):
+                _missing("data.path", path)
+        elif d.source == "megatron":
             for path in (f"{d.path}.idx", f"{d.path}.bin"):
                 _missing("data.path", path, need_file=True)
         else:
@@ -313,6 +328,38 @@ def validate_data(cfg: Config) -> None:
     if not 0.0 <= d.test_fraction < 0.5:
         raise ConfigError(f"data.test_fraction: must be in [0, 0.5), got {d.test_fraction}")
     _positive("data.max_corpus_mb", d.max_corpus_mb)
+    validate_chat_data(cfg)
+
+
+def validate_chat_data(cfg: Config) -> None:
+    """The chat and packing fields fit the source and the objective."""
+    d, kind = cfg.data, cfg.objective.kind
+    if d.chat_template not in BUILTIN_CHAT_TEMPLATES:
+        _check_path_text("data.chat_template", d.chat_template, nullable=False)
+        _missing("data.chat_template", d.chat_template, need_file=True)
+    if kind == "dpo" and d.source != "preference":
+        raise ConfigError(f"data.source: objective.kind dpo trains on preference pairs (data.source preference), "
+                          f"got {d.source!r}")
+    if kind == "sft" and d.source != "sft":
+        raise ConfigError(f"data.source: objective.kind sft trains on chat samples (data.source sft), got {d.source!r}")
+    if d.source in CHAT_SOURCES and kind not in ("sft", "dpo"):
+        raise ConfigError(f"objective.kind: data.source {d.source} needs objective.kind "
+                          f"{'sft' if d.source == 'sft' else 'dpo'} (got {kind!r})")
+    if d.packing and d.source != "sft":
+        raise ConfigError(f"data.packing: packs SFT samples (data.source sft), not data.source {d.source!r}")
+    if d.document_mask and d.source in CHAT_SOURCES:
+        raise ConfigError("data.document_mask: is for pretraining sources; chat samples get theirs from "
+                          "data.packing")
+
+
+def validate_objective(cfg: Config) -> None:
+    o = cfg.objective
+    _positive("objective.beta", o.beta)
+    if not 0.0 <= o.label_smoothing < 0.5:
+        raise ConfigError(f"objective.label_smoothing: must be in [0, 0.5), got {o.label_smoothing}")
+    if o.label_smoothing > 0 and o.loss != "sigmoid":
+        raise ConfigError(f"objective.label_smoothing: conservative DPO is defined for objective.loss sigmoid, "
+                          f"not {o.loss!r}")
 
 
 def validate_checkpoint(cfg: Config) -> None:
@@ -383,6 +430,7 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True,
     validate_train(cfg, world_size)
     validate_optim(cfg)
     validate_schedule(cfg)
+    validate_objective(cfg)
     if check_data:
         validate_data(cfg)
     validate_checkpoint(cfg)

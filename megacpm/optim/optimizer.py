@@ -1,7 +1,7 @@
 """AdamW with muP parameter groups (MiniCPM, Table 7).
 
 Every 2-D weight trains at lr / m (m = hidden_size / dim_model_base; 1 without muP), other
-parameters at lr. Norm gains get no weight decay. Each group carries ``lr_scale``, so the one
+parameters at lr; ``optim.mup_lr_scaling`` false trains every group at lr (MiniCPM's DPO). Norm gains get no weight decay. Each group carries ``lr_scale``, so the one
 global LR of the schedule sets them all (``set_lr``).
 """
 from __future__ import annotations
@@ -40,7 +40,8 @@ def param_groups(model: Union[nn.Module, Mapping[str, nn.Parameter]], model_cfg:
     embedding_ids = {id(p) for name, p in named
                      if _is_embedding(name) or (has_param_spec(p) and param_spec(p).copy_of == EMBEDDING)}
     groups: Dict[str, Dict] = {
-        "matrix": {"params": [], "lr_scale": 1.0 / model_cfg.width_mult, "weight_decay": optim_cfg.weight_decay},
+        "matrix": {"params": [], "lr_scale": 1.0 / model_cfg.width_mult if optim_cfg.mup_lr_scaling else 1.0,
+                   "weight_decay": optim_cfg.weight_decay},
         "embedding": {"params": [], "lr_scale": 1.0, "weight_decay": optim_cfg.weight_decay},
         "vector": {"params": [], "lr_scale": 1.0, "weight_decay": 0.0},
     }
