@@ -2,10 +2,12 @@
 megacpm::rms_norm_backward, megacpm::rotary), run under Triton's CPU interpreter.
 
 - torch.library.opcheck on each op: schema, fake-tensor (shapes, dtypes, strides, devices of the real
-  outputs), autograd registration and AOT dispatch;
+  outputs), autograd registration and AOT dispatch; rotary with tables shared by the batch and with
+  per-row [batch, seq, D / 2] tables;
 - a function of rms_norm and rotary with impl="triton" compiled with fullgraph=True (no graph break)
   holds the custom ops as graph nodes, launches the kernels, and matches the eager torch
-  implementations (forward and input gradients) within the kernel tests' fp32 tolerance;
+  implementations (forward and input gradients) within the kernel tests' fp32 tolerance; the same for
+  rotary with per-row tables;
 - dweight is computed only when weight needs a gradient, eager and compiled;
 - without triton the kernels modules still import and register the ops (fake and autograd need no
   triton); running an op then raises.
@@ -78,6 +80,19 @@ def test_opcheck_rotary(backward):
     torch.library.opcheck(rotary_op, (x, cos, sin, OFFSET, backward))
     strided = randn(BATCH, HEADS, SEQ, HEAD_DIM, seed=7).transpose(1, 2).requires_grad_(True)
     torch.library.opcheck(rotary_op, (strided, cos, sin, 0, backward))
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_opcheck_rotary_per_row_tables(backward):
+    cos, sin = tables(SEQ + 2, HEAD_DIM // 2)
+    ids = torch.tensor([[0, 1, 0], [2, 0, 1]])  # per-token positions [BATCH, SEQ], restarting
+    cos3, sin3 = cos[ids], sin[ids]
+    x = randn(BATCH, SEQ, HEADS, HEAD_DIM, seed=8, requires_grad=True)
+    torch.library.opcheck(rotary_op, (x, cos3, sin3, 0, backward))
+    strided = randn(BATCH, HEADS, SEQ, HEAD_DIM, seed=9).transpose(1, 2).requires_grad_(True)
+    torch.library.opcheck(rotary_op, (strided, cos3.transpose(0, 1).contiguous().transpose(0, 1), sin3, 0, backward))
+    with pytest.raises(ValueError, match="position_offset"):
+        rotary_op(x.detach(), cos3, sin3, 1, backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,6 +176,34 @@ def test_compiled_block_has_no_graph_break_and_matches_torch(monkeypatch):
     assert {"megacpm.rms_norm_forward.default", "megacpm.rotary.default"} <= targets, targets
 
 
+def test_compiled_rotary_with_per_row_tables(monkeypatch):
+    """fullgraph=True with 3-D tables gathered inside the compiled function: the op is a graph node, the
+    kernel runs forward and backward, and the result matches the torch path."""
+    torch._dynamo.reset()
+
+    def fn(x, cos, sin, ids):
+        return rotary(x, cos[ids], sin[ids], impl="triton")
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    launches = count_launches(monkeypatch)
+    cos, sin = tables(SEQ + 2, HEAD_DIM // 2)
+    ids = torch.tensor([[0, 1, 0], [2, 0, 1]])
+    x = randn(BATCH, SEQ, HEADS, HEAD_DIM, seed=13, requires_grad=True)
+    probe = randn(BATCH, SEQ, HEADS, HEAD_DIM, seed=14)
+    out = compiled(x, cos, sin, ids)
+    (dx,) = torch.autograd.grad(out, (x,), probe)
+    assert launches["rotary"] == 2, launches
+    assert counter.frame_count == 1, counter.frame_count
+    targets = {str(node.target) for node in counter.graphs[0].graph.nodes if node.op == "call_function"}
+    assert "megacpm.rotary.default" in targets, targets
+    x64 = x.detach().double().requires_grad_(True)
+    out64 = rotary_torch(x64, cos.double()[ids], sin.double()[ids])
+    (dx64,) = torch.autograd.grad(out64, (x64,), probe.double())
+    assert_close_to_reference(out, out64, atol=1e-6, name="compiled output")
+    assert_close_to_reference(dx, dx64, atol=1e-6, name="compiled dx")
+
+
 def test_dweight_only_when_weight_needs_grad(monkeypatch):
     torch._dynamo.reset()
     calls = []
@@ -208,12 +251,17 @@ def test_ops_register_without_triton():
         x, w = torch.randn(3, 8), torch.ones(8)
         cos, sin = torch.ones(2, 2), torch.zeros(2, 2)
         q = torch.randn(1, 2, 1, 4)
+        cos3, sin3 = cos[None], sin[None]  # per-row tables [batch, seq, D / 2]
         assert torch.equal(kernels.rms_norm(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))  # "auto": torch
         assert torch.equal(kernels.rotary(q, cos, sin), q)
+        assert torch.equal(kernels.rotary(q, cos3, sin3), q)
         with FakeTensorMode() as mode:
             y, rstd = torch.ops.megacpm.rms_norm_forward(mode.from_tensor(x), mode.from_tensor(w), 1e-5)
             assert y.shape == (3, 8) and rstd.shape == (3,) and rstd.dtype == torch.float32
             r = torch.ops.megacpm.rotary(mode.from_tensor(q), mode.from_tensor(cos), mode.from_tensor(sin), 0, False)
+            assert r.shape == q.shape
+            r = torch.ops.megacpm.rotary(mode.from_tensor(q), mode.from_tensor(cos3), mode.from_tensor(sin3), 0,
+                                         False)
             assert r.shape == q.shape
         with pytest.raises(RuntimeError, match="triton"):
             torch.ops.megacpm.rms_norm_forward(x, w, 1e-5)

@@ -1,4 +1,6 @@
-"""Rotary kernel (impl="triton", interpreted) and its torch twin against fp64 formulas written here."""
+"""Rotary kernel (impl="triton", interpreted) and its torch twin against fp64 formulas written here:
+tables shared by the batch ([positions, D / 2], with a position offset) and per-row tables ([batch, seq,
+D / 2], per-token positions such as packed sequences whose position ids restart)."""
 import math
 
 import pytest
@@ -17,11 +19,15 @@ def tables(n_positions, half, base=10000.0):
 
 
 def reference(x, cos, sin, offset=0):
-    """fp64 truth: cat(x1 c - x2 s, x2 c + x1 s) with the fp32 tables (exactly representable in fp64)."""
+    """fp64 truth: cat(x1 c - x2 s, x2 c + x1 s) with the fp32 tables (exactly representable in fp64);
+    3-D tables [batch, seq, D / 2] rotate row b, position s by cos[b, s]."""
     x64 = x.detach().double()
     half = x.shape[-1] // 2
-    c = cos.double()[offset: offset + x.shape[1]][None, :, None, :]
-    s = sin.double()[offset: offset + x.shape[1]][None, :, None, :]
+    if cos.dim() == 3:
+        c, s = cos.double()[:, :, None, :], sin.double()[:, :, None, :]
+    else:
+        c = cos.double()[offset: offset + x.shape[1]][None, :, None, :]
+        s = sin.double()[offset: offset + x.shape[1]][None, :, None, :]
     x1, x2 = x64[..., :half], x64[..., half:]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1)
 
@@ -146,3 +152,81 @@ def test_rotation_preserves_norm_and_bad_inputs_raise():
         rotary(x[..., :7], cos, sin, impl="triton")  # odd head_dim
     with pytest.raises(ValueError):
         rotary(x, torch.cat([cos] * 2, -1), torch.cat([sin] * 2, -1), impl="triton")  # full-width tables
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-row tables [batch, seq, head_dim // 2]: per-token positions
+# --------------------------------------------------------------------------------------------------
+def restarting_positions(batch, seq, seed):
+    """Position ids [batch, seq] of packed documents: each row restarts at 0 at random document starts."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(batch, seq, dtype=torch.long)
+    for b in range(batch):
+        starts = {0} | set(torch.randint(1, seq, (2,), generator=g).tolist())
+        pos = 0
+        for s in range(seq):
+            pos = 0 if s in starts else pos + 1
+            ids[b, s] = pos
+    return ids
+
+
+def test_per_row_tables_equal_to_the_shared_table_when_every_row_is_the_same():
+    x = make((3, 5, 2, 8), torch.bfloat16, seed=20)
+    cos, sin = tables(5, 4)
+    cos3, sin3 = cos[None].repeat(3, 1, 1), sin[None].repeat(3, 1, 1)
+    for impl in ("triton", "torch"):
+        assert torch.equal(rotary(x, cos3, sin3, impl=impl), rotary(x, cos, sin, impl=impl)), impl
+    # an expanded table (batch stride 0) is a 3-D table too
+    cos_e, sin_e = cos[None].expand(3, 5, 4), sin[None].expand(3, 5, 4)
+    assert torch.equal(rotary(x, cos_e, sin_e, impl="triton"), rotary(x, cos, sin, impl="triton"))
+
+
+@pytest.mark.parametrize("head_dim", [2, 14])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_tables_from_restarting_position_ids(head_dim, dtype):
+    batch, seq = 3, 9
+    ids = restarting_positions(batch, seq, seed=head_dim)
+    assert (ids == 0).sum() > batch and not torch.equal(ids[0], ids[1])  # restarts inside rows, rows differ
+    cos, sin = tables(seq, head_dim // 2)
+    cos3, sin3 = cos[ids], sin[ids]  # [batch, seq, D / 2], as the model gathers them
+    x = make((batch, seq, 3, head_dim), dtype, seed=21 + head_dim)
+    check(x, cos3, sin3, seed=head_dim)
+    if head_dim != 14 or dtype != torch.bfloat16:
+        return
+    # row b, position s is rotated as position ids[b, s] of a shared table (bit for bit)
+    y = rotary(x, cos3, sin3, impl="triton")
+    for b in range(batch):
+        for s in range(seq):
+            alone = rotary(x[b:b + 1, s:s + 1], cos, sin, impl="triton", position_offset=int(ids[b, s]))
+            assert torch.equal(y[b:b + 1, s:s + 1], alone), (b, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_tables_with_fused_qkv_views_and_strided_tables(dtype):
+    """q, k non-contiguous views of a fused projection; the per-row tables sliced from wider ones."""
+    batch, seq, n_q, n_kv, head_dim = 2, 6, 4, 2, 8
+    fused = make((batch, seq, (n_q + 2 * n_kv) * head_dim), dtype, seed=30)
+    heads = fused.view(batch, seq, n_q + 2 * n_kv, head_dim)
+    q, k = heads[:, :, :n_q], heads[:, :, n_q:n_q + n_kv]
+    ids = restarting_positions(batch, seq, seed=31)
+    cos, sin = tables(seq, head_dim // 2)
+    wide_cos, wide_sin = torch.cat([cos[ids]] * 2, -1), torch.cat([sin[ids]] * 2, -1)
+    cos3, sin3 = wide_cos[..., :head_dim // 2], wide_sin[..., :head_dim // 2]
+    assert not q.is_contiguous() and not k.is_contiguous() and not cos3.is_contiguous()
+    check(q, cos3, sin3, seed=32)
+    check(k, cos3, sin3, seed=33)
+
+
+def test_per_row_tables_bad_inputs_raise():
+    x = make((2, 3, 2, 8), torch.float32, seed=40)
+    cos, sin = tables(3, 4)
+    cos3, sin3 = cos[None].repeat(2, 1, 1), sin[None].repeat(2, 1, 1)
+    for impl in ("triton", "torch"):
+        with pytest.raises(ValueError, match="position_offset"):
+            rotary(x, cos3, sin3, impl=impl, position_offset=1)
+        with pytest.raises(ValueError):
+            rotary(x, cos3[:1], sin3[:1], impl=impl)  # batch 1 table for batch 2
+        with pytest.raises(ValueError):
+            rotary(x[:, :2], cos3, sin3, impl=impl)  # 3-D tables must match seq exactly
+        with pytest.raises(ValueError):
+            rotary(x, cos3, sin, impl=impl)  # one 3-D, one 2-D
