@@ -18,9 +18,11 @@ cross-entropy kernel computes the loss and writes the logits' gradient in place 
 gradient gives the chunk's hidden gradient (grad_logits @ W) and adds grad_logits^T @ hidden_chunk to an
 fp32 weight-gradient accumulator. The input gradients are thus computed in the forward (when they are
 needed) and only scaled by grad_output in the backward: no logits are saved. reduction="none" cannot be
-done that way (the per-token output gradients are unknown in the forward): its backward recomputes the
-chunks instead (single rank only). The torch path (CPU) runs the same chunk loop with a PyTorch cross
-entropy.
+done that way (the per-token output gradients are unknown in the forward): its forward computes the
+per-token losses only (no gradients) and its backward runs the chunk loop again with the per-token
+grad_output, on one rank and vocabulary-parallel alike (one more logits matmul per chunk; for DPO's
+per-sequence sums of log-probabilities). The torch path (CPU) runs the same chunk loop with a PyTorch
+cross entropy.
 
 Vocabulary-parallel (``fused_linear_vocab_parallel_cross_entropy``): the same chunk loop, where a chunk's
 loss needs the whole vocabulary: per chunk the local row statistics of the logits shard (max, sum of
@@ -28,6 +30,9 @@ exp, target logit: the Triton row-stats kernel of megacpm.kernels.cross_entropy,
 two all-reduces of vocab_parallel_cross_entropy (MAX of the row maxima, then SUM of the rescaled sums and
 target logits), the global lse and loss, then the logits' gradient in place (Triton: the CE backward
 kernel with a column offset; torch: from the exp(x - max) the statistics left in the logits' buffer).
+With reduction="none" the forward's pass makes the two all-reduces per chunk and no gradient, and the
+backward's pass makes them again: every rank of the group must run the backward (as any
+tensor-parallel backward), so that the collectives match.
 
 Mixed precision: the matmuls run in the autocast dtype when autocast is on for the tensors' device type,
 in the hidden's dtype otherwise (the weight, e.g. an fp32 master under bf16 autocast, is cast once);
@@ -126,9 +131,11 @@ def _chunk_loop(hidden, weight, labels, grad_rows, scale, ignore_index, z_loss, 
     """One pass over the token chunks: per-row fp32 losses and the gradients of sum(grad_rows * loss)
     with respect to hidden (hidden's dtype) and weight (fp32), each None when not needed.
 
-    Only the first ``valid_rows`` rows of ``weight`` are vocabulary (the rest get no logits and a zero
-    gradient). ``shard`` None: the whole vocabulary is here; else this rank's part of it (_Shard), and the
-    hidden gradient is this rank's partial contribution."""
+    ``grad_rows``: None (no gradient wanted), fp32 0-d (the same factor for every row) or [tokens] (one
+    per row: reduction "none"'s backward). Only the first ``valid_rows`` rows of ``weight`` are vocabulary
+    (the rest get no logits and a zero gradient). ``shard`` None: the whole vocabulary is here; else this
+    rank's part of it (_Shard), and the hidden gradient is this rank's partial contribution; the
+    collectives run per chunk whether or not gradients are wanted."""
     tokens = hidden.shape[0]
     valid = weight.shape[0] if valid_rows is None else int(valid_rows)
     assert shard is None or z_loss == 0.0
@@ -188,11 +195,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.reduction = reduction
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             if reduction == "none":
-                assert shard is None, "reduction='none' is single-rank only"
+                # No gradients here (the per-token grad_output is not known yet): the backward recomputes.
                 losses, _, _ = _chunk_loop(hidden, weight, labels, None, scale, ignore_index, z_loss, chunk,
-                                           triton_path, dtype, False, False, valid_rows)
+                                           triton_path, dtype, False, False, valid_rows, shard)
                 ctx.save_for_backward(hidden, weight, labels)
-                ctx.args = (scale, ignore_index, z_loss, chunk, triton_path, dtype, valid_rows)
+                ctx.args = (scale, ignore_index, z_loss, chunk, triton_path, dtype, valid_rows, shard)
                 return losses
             grad_rows = None
             if need_h or need_w:
@@ -215,11 +222,14 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.reduction == "none":
             hidden, weight, labels = ctx.saved_tensors
-            scale, ignore_index, z_loss, chunk, triton_path, dtype, valid_rows = ctx.args
+            scale, ignore_index, z_loss, chunk, triton_path, dtype, valid_rows, shard = ctx.args
+            # The per-token output gradient as fp32 [tokens] (an expanded one, e.g. of a .sum(), keeps its
+            # stride 0: the kernels take any row stride).
+            grad_rows = grad_output.reshape(-1).float()
             with torch.autocast(device_type=hidden.device.type, enabled=False):
                 _, grad_hidden, grad_weight = _chunk_loop(
-                    hidden, weight, labels, grad_output.float(), scale, ignore_index, z_loss, chunk,
-                    triton_path, dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], valid_rows)
+                    hidden, weight, labels, grad_rows, scale, ignore_index, z_loss, chunk, triton_path,
+                    dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1], valid_rows, shard)
             if grad_weight is not None:
                 grad_weight = grad_weight.to(weight.dtype)
         else:
@@ -284,12 +294,16 @@ def fused_linear_vocab_parallel_cross_entropy(hidden: torch.Tensor, weight_shard
     vocabulary that tp does not divide): probability zero, no loss, zero gradient. labels [...] are
     global ids, the same on every rank. Returns the fp32 loss, the same on every rank: cross_entropy of
     (hidden @ W_full.T) * logit_scale over the real vocabulary, "mean" over non-ignored tokens (0 when
-    there are none) or "sum" ("none" is not supported: raises ValueError).
+    there are none), "sum", or "none": the per-token losses, shaped like ``labels``, 0 at
+    ignore_index (minus the per-token log-probabilities of the labels, e.g. summed per sequence by DPO).
 
     Gradients: weight_shard gets its rows of the full weight gradient (padding rows 0). hidden gets this
     rank's PARTIAL contribution grad_logits_shard @ weight_shard -- the sum over the group is the full
     gradient, exactly like F.linear's input gradient under tensor parallelism: the caller enters
-    ``hidden`` through an identity-forward / all-reduce-backward mapping (Megatron's copy_to_tp).
+    ``hidden`` through an identity-forward / all-reduce-backward mapping (Megatron's copy_to_tp). With
+    "none" the gradients are those of sum(grad_output * losses) for the per-token grad_output, computed
+    in the backward by recomputing the chunks (the forward computes only the losses; both passes make
+    the two all-reduces per chunk, so every rank must run the backward).
 
     Per token chunk (``chunk_tokens``, default ``default_chunk_tokens(tokens, V_local)``): the logits
     shard in the compute dtype (the autocast dtype or hidden's), the local row statistics (the Triton
@@ -298,10 +312,6 @@ def fused_linear_vocab_parallel_cross_entropy(hidden: torch.Tensor, weight_shard
     ``group`` None or of size 1 is exactly ``fused_linear_cross_entropy`` (on the first ``valid_rows`` rows;
     note: None means no tensor parallelism here, not the default group).
     """
-    if reduction == "none":
-        raise ValueError("fused_linear_vocab_parallel_cross_entropy supports reduction 'mean' and 'sum' only "
-                         "(the gradients are computed in the forward, which needs the per-token output "
-                         "gradients to be known); use vocab_parallel_cross_entropy for per-token losses")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_shapes(hidden, weight_shard, labels)

@@ -2,8 +2,11 @@
 weight: the loss (fp64 truth, fp32 F.cross_entropy baseline), the SUM over ranks of the partial hidden
 gradients, and each rank's weight-gradient rows (padding rows exactly zero). Padded vocabularies (61 over
 2 ranks: 31 + 30 real rows; 20 over 3 ranks of 12 rows: 12 + 8 + 0 real rows), ignored labels, chunks
-that do not divide the tokens, reduction sum and mean, logit_scale != 1; the torch path and the Triton
-row-stats path (the children inherit TRITON_INTERPRET=1 from this process)."""
+that do not divide the tokens, reduction sum, mean and none (per-token losses shaped like the labels,
+[2, tokens / 2] when tokens is even, identical on every rank, 0 where ignored; the gradients of
+sum(w * losses) for random per-token w, computed by the recomputing backward, which makes the collectives
+again), logit_scale != 1; the torch path and the Triton row-stats path (the children inherit
+TRITON_INTERPRET=1 from this process)."""
 import importlib
 import os
 from datetime import timedelta
@@ -27,12 +30,29 @@ CASES_2 = [
     ("triton", "float32", 7, 16, 61, None, 1 / 3, "mean", 3, (1,)),
     ("triton", "float32", 5, 8, 61, None, 2.0, "sum", 2, ()),
     ("triton", "bfloat16", 5, 16, 61, None, 1 / 9, "mean", 2, (4,)),
+    ("torch", "float32", 14, 16, 61, None, 1 / 9, "none", 5, (0, 6)),   # labels [2, 7]
+    ("torch", "bfloat16", 13, 32, 61, None, 1 / 9, "none", 4, (2,)),    # last chunk of one token
+    ("triton", "float32", 7, 16, 61, None, 1 / 3, "none", 3, (1,)),
 ]
 CASES_3 = [
     ("torch", "float32", 13, 16, 20, 12, 1 / 9, "mean", 5, (0, 6)),     # rank 2 holds only padding
     ("torch", "float32", 11, 8, 61, None, 2.5, "sum", 4, (10,)),        # 21 + 21 + 19
     ("triton", "float32", 5, 8, 20, 12, 1 / 3, "sum", 2, (1,)),
+    ("torch", "float32", 12, 8, 20, 12, 2.5, "none", 5, (3,)),          # rank 2 only padding; labels [2, 6]
 ]
+
+
+def lead_shape(case):
+    """The labels' shape: [tokens], or [2, tokens / 2] for reduction "none" with an even token count."""
+    tokens, reduction = case[2], case[7]
+    return (2, tokens // 2) if reduction == "none" and tokens % 2 == 0 else (tokens,)
+
+
+def output_grad(case, seed):
+    """The loss's gradient the tests backpropagate: 1.7, or random per-token weights for "none"."""
+    if case[7] != "none":
+        return torch.tensor(1.7)
+    return torch.rand(lead_shape(case), generator=torch.Generator().manual_seed(seed + 500)) * 2 - 0.5
 
 
 def make(case, seed):
@@ -67,29 +87,44 @@ def worker(cases):
     for seed, case in enumerate(cases):
         impl, dtype, tokens, hidden_size, vocab, local_vocab, scale, reduction, chunk, ignored = case
         hidden, weight, labels = make(case, seed)
+        lead = lead_shape(case)
         w_shard, valid = shard_of(weight, rank, world, local_vocab, seed)
-        h = hidden.clone().requires_grad_(True)
+        h = hidden.reshape(*lead, hidden_size).clone().requires_grad_(True)
         w = w_shard.clone().requires_grad_(True)
-        loss = fused_linear_vocab_parallel_cross_entropy(h, w, labels, None if world == 1 else dist.group.WORLD,
+        loss = fused_linear_vocab_parallel_cross_entropy(h, w, labels.reshape(lead),
+                                                         None if world == 1 else dist.group.WORLD,
                                                          logit_scale=scale, reduction=reduction,
                                                          valid_rows=valid, chunk_tokens=chunk, impl=impl)
-        loss.backward(torch.tensor(1.7))
+        assert loss.shape == (lead if reduction == "none" else ()), loss.shape
+        loss.backward(output_grad(case, seed))
         assert loss.dtype == torch.float32 and h.grad.dtype == h.dtype and w.grad.dtype == w.dtype
         # plain lists: tensors would travel through shared memory that the finished child takes away
-        out.append((loss.item(), h.grad.float().tolist(), w.grad.float().tolist(), valid))
+        out.append((loss.reshape(-1).tolist(), h.grad.float().reshape(-1, hidden_size).tolist(),
+                    w.grad.float().tolist(), valid))
     # every rank refuses the same things, with no collective left half-done
     hidden, weight, labels = make(cases[0], 0)
     w_shard, valid = shard_of(weight, rank, world, cases[0][5], 0)
     refusals = []
     bad = labels.clone()
     bad[2] = weight.shape[0]  # one past the last real id
-    for lab, red in ((bad, "mean"), (labels, "none")):
+    for lab, red in ((bad, "mean"), (bad, "none"), (labels, "max")):
         try:
             fused_linear_vocab_parallel_cross_entropy(hidden, w_shard, lab, dist.group.WORLD, reduction=red,
                                                       valid_rows=valid, impl="torch")
             refusals.append(None)
         except (IndexError, ValueError) as exc:
             refusals.append(type(exc).__name__)
+    # "none" then .sum() (an expanded, stride-0 grad_output) gives the gradients of "sum", to rounding
+    sums = []
+    for impl in ("torch", "triton"):
+        grads = []
+        for red in ("sum", "none"):
+            h = hidden.clone().requires_grad_(True)
+            w = w_shard.clone().requires_grad_(True)
+            fused_linear_vocab_parallel_cross_entropy(h, w, labels, dist.group.WORLD, reduction=red, valid_rows=valid,
+                                                      chunk_tokens=4, impl=impl).sum().backward()
+            grads.append((h.grad, w.grad))
+        sums.append(max(float((a - b).abs().max()) for a, b in zip(*grads)))
     # all labels ignored: loss 0 and zero gradients
     h = hidden.clone().requires_grad_(True)
     w = w_shard.clone().requires_grad_(True)
@@ -97,11 +132,12 @@ def worker(cases):
                                                      valid_rows=valid, chunk_tokens=4, impl="torch")
     loss.backward()
     zeros = (loss.item(), float(h.grad.abs().max()), float(w.grad.abs().max()))
-    return out, refusals, zeros
+    return out, refusals, zeros, sums
 
 
 def reference(case, seed):
-    """(fp64 truth, fp32 PyTorch baseline): loss and the gradients of 1.7 * loss for hidden and the full weight."""
+    """(fp64 truth, fp32 PyTorch baseline): loss (per token for "none") and the gradients of
+    output_grad * loss (summed) for hidden and the full weight."""
     impl, dtype, tokens, hidden_size, vocab, local_vocab, scale, reduction, chunk, ignored = case
     hidden, weight, labels = make(case, seed)
 
@@ -112,7 +148,7 @@ def reference(case, seed):
         if mm_dtype != torch.float64:
             logits = logits.float()
         loss = F.cross_entropy(logits * scale, labels, ignore_index=-100, reduction=reduction)
-        gh, gw = torch.autograd.grad(loss, (h, w), torch.tensor(1.7, dtype=loss.dtype))
+        gh, gw = torch.autograd.grad(loss, (h, w), output_grad(case, seed).reshape(loss.shape).to(loss.dtype))
         return loss.detach(), gh, gw
 
     return run(hidden.double(), weight.double(), torch.float64), run(hidden, weight, hidden.dtype), hidden, weight
@@ -120,15 +156,19 @@ def reference(case, seed):
 
 def check_world(world, cases):
     results = run_distributed(worker, world, args=(cases,), timeout=300)
-    for r, (_, refusals, zeros) in enumerate(results):
-        assert refusals == ["IndexError", "ValueError"], f"rank {r}: {refusals}"
+    for r, (_, refusals, zeros, sums) in enumerate(results):
+        assert max(sums) < 1e-5, f"rank {r}: 'none' summed differs from 'sum' by {sums}"
+        assert refusals == ["IndexError", "IndexError", "ValueError"], f"rank {r}: {refusals}"
         assert zeros == (0.0, 0.0, 0.0), f"rank {r}: all-ignored batch gave {zeros}"
     for seed, case in enumerate(cases):
         label = f"world {world} case {case}"
         (ref, rgh, rgw), (base, bgh, bgw), hidden, weight = reference(case, seed)
-        losses = [torch.tensor(r[0][seed][0], dtype=torch.float32) for r in results]
+        losses = [torch.tensor(r[0][seed][0], dtype=torch.float32).reshape(ref.shape) for r in results]
         for loss in losses[1:]:
             assert torch.equal(loss, losses[0]), f"{label}: ranks disagree on the loss"
+        if case[7] == "none":
+            _, _, labels = make(case, seed)
+            assert bool((losses[0][labels == -100] == 0).all()), f"{label}: an ignored token has a loss"
         lscale = max(1.0, ref.abs().max().item())
         assert_close_to_reference(losses[0], ref, base, 2.0, 4 * dtype_atol(torch.float32, lscale),
                                   name=f"{label} loss")
@@ -157,9 +197,10 @@ def test_three_ranks_with_padding_on_two_ranks_one_of_them_all_padding():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_group_is_exactly_the_single_rank_fused_function(impl, reduction):
     hidden, weight, labels = make(("torch", "float32", 9, 16, 50, None, 0.5, reduction, 4, (2,)), 3)
+    grad = torch.tensor(1.3) if reduction != "none" else torch.rand(9, generator=torch.Generator().manual_seed(5))
     outs = []
     for fn in (lambda h, w: fused_linear_cross_entropy(h, w, labels, logit_scale=0.5, reduction=reduction,
                                                        impl=impl, chunk_tokens=4),
@@ -168,7 +209,7 @@ def test_no_group_is_exactly_the_single_rank_fused_function(impl, reduction):
                                                                       chunk_tokens=4)):
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
         loss = fn(h, w)
-        loss.backward(torch.tensor(1.3))
+        loss.backward(grad)
         outs.append((loss.detach(), h.grad, w.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
