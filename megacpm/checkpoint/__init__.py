@@ -10,8 +10,10 @@ _CATALOG_EXPORTS = ("CheckpointError", "Resume", "checkpoint_problem", "latest_c
                     "resolve_resume")
 _MANAGER_EXPORTS = ("TrainerState", "load_checkpoint", "PendingSave", "load_model_weights", "save_checkpoint",
                     "save_checkpoint_async", "save_weights")
+# init_from: train.init_from's source (a megacpm run or checkpoint, a Hugging Face directory) and its load
+_INIT_FROM_EXPORTS = ("InitSource", "init_fingerprint", "load_initial_weights", "resolve_init_source")
 
-__all__ = [*_CATALOG_EXPORTS, *_MANAGER_EXPORTS]
+__all__ = [*_CATALOG_EXPORTS, *_MANAGER_EXPORTS, *_INIT_FROM_EXPORTS]
 
 
 def __getattr__(name):
@@ -19,4 +21,6 @@ def __getattr__(name):
         return getattr(importlib.import_module("megacpm.checkpoint.catalog"), name)
     if name in _MANAGER_EXPORTS:
         return getattr(importlib.import_module("megacpm.checkpoint.manager"), name)
+    if name in _INIT_FROM_EXPORTS:
+        return getattr(importlib.import_module("megacpm.checkpoint.init_from"), name)
     raise AttributeError(f"module 'megacpm.checkpoint' has no attribute {name!r}")
