@@ -53,7 +53,7 @@ class TimedChunk(nn.Module):
         self.forward_s, self.backward_s = forward_s, backward_s
         self.scale = nn.Parameter(torch.ones(()))
 
-    def forward(self, x):
+    def forward(self, x, micro_batch=None):  # the pipeline passes the micro-batch index
         return _TimedWork.apply(x, self.forward_s, self.backward_s) * self.scale
 
 

@@ -9,12 +9,18 @@ generator: see megacpm.parallel.random for tensor-parallel regions).
 - "sdpa": ``torch.nn.functional.scaled_dot_product_attention`` (any device).
 - "auto": flash-attn when the inputs allow it and it is installed, else sdpa.
 - "eager": plain matmul + fp32 softmax; the readable reference path.
+
+``document_ids`` [batch, seq] (None: one causal sequence per row) is the document mask of packed
+samples: a token attends to the earlier tokens of its own document only. Each document must be one
+contiguous run of its row (how packing and data.document_mask lay them out). sdpa and eager take it
+as a block-diagonal causal boolean mask; flash as flash-attn's variable-length path, whose
+cu_seqlens are the documents' boundaries over the flattened batch.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,27 +44,59 @@ def repeat_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] bool, True where query i may attend key j: j <= i in i's document."""
+    seq_len = document_ids.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_document & causal)[:, None]
+
+
+def document_boundaries(document_ids: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """(cu_seqlens int32 [documents + 1], the longest document) over the flattened batch: a new
+    document starts wherever the id changes and at every row's first token."""
+    batch, seq_len = document_ids.shape
+    flat = document_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq_len] = True
+    first = starts.nonzero().flatten()
+    total = torch.tensor([batch * seq_len], device=flat.device)
+    cu_seqlens = torch.cat([first, total]).to(torch.int32)
+    return cu_seqlens, int(cu_seqlens.diff().max())
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     seq_len, n_heads = q.shape[1], q.shape[2]
     k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    future = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(future, float("-inf"))
+    if document_ids is None:
+        hidden = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
+    else:
+        hidden = ~document_causal_mask(document_ids)
+    scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return torch.matmul(probs, v).transpose(1, 2)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                   document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     grouped = k.shape[1] != q.shape[1]
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped)
+    if document_ids is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=grouped)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(document_ids),
+                                             dropout_p=dropout_p, enable_gqa=grouped)
     return out.transpose(1, 2)
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                    document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     flash_attn_func = flash_attn_function()
     if flash_attn_func is None:
         raise RuntimeError("model.attention_impl is 'flash' but flash-attn is not installed "
@@ -68,19 +106,29 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
                            f"(got {q.device.type}, {q.dtype}); use 'auto' or 'sdpa' here")
     # flash-attn handles grouped kv heads itself and wants all three inputs in one half dtype.
     k, v = k.to(q.dtype), v.to(q.dtype)
-    return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if document_ids is None:
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=True)
+    from flash_attn import flash_attn_varlen_func  # present whenever flash_attn_func is
+
+    batch, seq_len = q.shape[:2]
+    cu_seqlens, longest = document_boundaries(document_ids)
+    out = flash_attn_varlen_func(q.reshape(batch * seq_len, *q.shape[2:]), k.reshape(batch * seq_len, *k.shape[2:]),
+                                 v.reshape(batch * seq_len, *v.shape[2:]), cu_seqlens, cu_seqlens, longest, longest,
+                                 dropout_p=dropout_p, softmax_scale=scale, causal=True)
+    return out.view(q.shape)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto",
-                     dropout_p: float = 0.0) -> torch.Tensor:
+                     dropout_p: float = 0.0, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     if impl == "eager":
-        return eager_attention(q, k, v, dropout_p)
+        return eager_attention(q, k, v, dropout_p, document_ids)
     if impl == "flash":
-        return flash_attention(q, k, v, dropout_p)
+        return flash_attention(q, k, v, dropout_p, document_ids)
     if impl == "auto":
         if q.is_cuda and q.dtype in HALF_DTYPES and flash_attn_function() is not None:
-            return flash_attention(q, k, v, dropout_p)
-        return sdpa_attention(q, k, v, dropout_p)
+            return flash_attention(q, k, v, dropout_p, document_ids)
+        return sdpa_attention(q, k, v, dropout_p, document_ids)
     if impl == "sdpa":
-        return sdpa_attention(q, k, v, dropout_p)
+        return sdpa_attention(q, k, v, dropout_p, document_ids)
     raise ValueError(f"unknown attention_impl {impl!r} (expected auto, sdpa, flash or eager)")

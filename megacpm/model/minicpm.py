@@ -72,7 +72,8 @@ class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE on q and k.
 
     Two things are injected when the model is built, so that the model knows nothing of how it is
-    parallelised: ``attention_fn(q, k, v, dropout_p=...)``, the local attention core (default:
+    parallelised: ``attention_fn(q, k, v, dropout_p=..., document_ids=...)``, the local attention
+    core (``document_ids`` [batch, seq] or None: attention stays inside each packed document; default:
     megacpm.model.attention.causal_attention with model.attention_impl), and ``dropout_rng(device)``,
     the generator context the attention dropout draws in (a tensor-parallel plan gives each rank
     its own stream for its own heads).
@@ -91,7 +92,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Shapes come from the projections, not from x: under tensor/sequence parallelism x may be a
         # sequence shard while q, k, v cover the whole sequence and only this rank's heads.
         q = self.q_proj(x)
@@ -103,9 +105,9 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if dropout > 0:
             with self.dropout_rng(q.device):
-                out = self.attention_fn(q, k, v, dropout_p=dropout)
+                out = self.attention_fn(q, k, v, dropout_p=dropout, document_ids=document_ids)
         else:
-            out = self.attention_fn(q, k, v, dropout_p=0.0)
+            out = self.attention_fn(q, k, v, dropout_p=0.0, document_ids=document_ids)
         return self.o_proj(out.flatten(2))
 
 
@@ -125,13 +127,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self.block, h, cos, sin, use_reentrant=False)
-        return self.block(h, cos, sin)
+            return checkpoint(self.block, h, cos, sin, document_ids, use_reentrant=False)
+        return self.block(h, cos, sin, document_ids)
 
-    def block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.residual_scale * self.self_attn(self.input_layernorm(h), cos, sin)
+    def block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = h + self.residual_scale * self.self_attn(self.input_layernorm(h), cos, sin, document_ids)
         return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
 
 
@@ -162,11 +166,12 @@ OutputLoss = Callable[..., torch.Tensor]
 
 
 def fused_output_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, logit_scale: float,
-                      ignore_index: int, chunk_tokens: Optional[int]) -> torch.Tensor:
-    """The summed token loss of the LM head, one process: logits a chunk of tokens at a time, never
-    all at once, their gradients computed in the forward (megacpm.kernels.fused_linear_cross_entropy)."""
+                      ignore_index: int, chunk_tokens: Optional[int], reduction: str = "sum") -> torch.Tensor:
+    """The token loss of the LM head, one process, "sum" (the summed loss; the gradients computed
+    in the forward) or "none" (per token, for per-sequence log-probabilities): logits a chunk of
+    tokens at a time, never all at once (megacpm.kernels.fused_linear_cross_entropy)."""
     return kernels.fused_linear_cross_entropy(hidden, weight, labels, logit_scale=logit_scale,
-                                              ignore_index=ignore_index, reduction="sum",
+                                              ignore_index=ignore_index, reduction=reduction,
                                               chunk_tokens=chunk_tokens)
 
 
@@ -230,10 +235,15 @@ class MiniCPM(nn.Module):
         return self.embed_tokens.weight
 
     # -- the forward path ------------------------------------------------------------------------
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+               document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The chunk's output: token ids [batch, seq] in on the first chunk (hidden states from the
         previous chunk otherwise), hidden states out — final-normed on the last chunk, before muP's
-        1/m logit scale."""
+        1/m logit scale.
+
+        ``position_ids`` [batch, seq] (default 0 .. seq - 1 in every row) are the RoPE positions;
+        ``document_ids`` [batch, seq] keep attention inside each document (packed samples). Both
+        cover whole sequences, also where the hidden states are sequence shards."""
         if self.is_first:
             h = self.embed_tokens(x) * self.cfg.embedding_scale
             seq_len = x.shape[1]
@@ -241,30 +251,38 @@ class MiniCPM(nn.Module):
             h = x
             seq_len = h.shape[1] * self.sequence_shards
         cos, sin = self.rotary(seq_len, h.device)
+        if position_ids is not None:  # per-token tables [batch, seq, head_dim]
+            cos, sin = cos[position_ids], sin[position_ids]
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.is_last else h
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                  chunk_tokens: Optional[int] = None) -> torch.Tensor:
-        """Sum over tokens of the cross entropy (fp32) of the last chunk's normed hidden states
-        [batch, seq, hidden] against ``labels`` [batch, seq]: ``output_loss`` with muP's 1/m as its
-        logit scale (one fewer pass over the hidden states than dividing them), ``chunk_tokens``
-        tokens of logits at a time (default ``self.loss_chunk_tokens``, then the kernels' rule)."""
-        return self.output_loss(hidden.flatten(0, 1), self.output_weight, labels.reshape(-1),
+                  chunk_tokens: Optional[int] = None, reduction: str = "sum") -> torch.Tensor:
+        """The cross entropy (fp32) of the last chunk's normed hidden states [batch, seq, hidden]
+        against ``labels`` [batch, seq]: summed over tokens (``reduction`` "sum"), or per token as
+        [batch, seq] ("none": 0 where ignored; minus the log-probability of each label).
+        ``output_loss`` with muP's 1/m as its logit scale (one fewer pass over the hidden states than
+        dividing them), ``chunk_tokens`` tokens of logits at a time (default
+        ``self.loss_chunk_tokens``, then the kernels' rule)."""
+        loss = self.output_loss(hidden.flatten(0, 1), self.output_weight, labels.reshape(-1),
                                 logit_scale=1.0 / self.cfg.width_mult, ignore_index=ignore_index,
-                                chunk_tokens=chunk_tokens or self.loss_chunk_tokens)
+                                chunk_tokens=chunk_tokens or self.loss_chunk_tokens, reduction=reduction)
+        return loss.view(labels.shape) if reduction == "none" else loss
 
     # -- the whole model -------------------------------------------------------------------------
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                      document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[batch, seq, hidden] final-normed hidden state, before muP's 1/m logit scale."""
-        return self.hidden(input_ids)
+        return self.hidden(input_ids, position_ids, document_ids)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fp32 logits [batch, seq, vocab] = (h / m) @ W_out^T."""
         # muP divides the final hidden state by m before the LM head; doing it here rather than on
         # the logits costs hidden_size instead of vocab_size multiplies per token.
-        return F.linear(self.hidden(input_ids) / self.cfg.width_mult, self.output_weight).float()
+        hidden = self.hidden(input_ids, position_ids, document_ids)
+        return F.linear(hidden / self.cfg.width_mult, self.output_weight).float()
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
              chunk_tokens: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:

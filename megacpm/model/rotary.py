@@ -60,7 +60,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k ([batch, seq, heads, head_dim]) by the [seq, head_dim] tables.
+    """Rotate q and k ([batch, seq, heads, head_dim]) by the [seq, head_dim] tables, or by
+    per-token tables [batch, seq, head_dim] (position ids: packed samples restart at 0).
 
     The rotation runs in (at least) fp32, as in the released MiniCPM code, and the result is cast
     back to the input dtype, so bf16 activations lose no precision in the angles. It is
@@ -68,7 +69,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     PyTorch otherwise), which takes the half-width tables: both halves of ours are equal.
     """
     half = q.shape[-1] // 2
-    cos, sin = cos[:, :half], sin[:, :half]
+    cos, sin = cos[..., :half], sin[..., :half]
     return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
 
 

@@ -22,6 +22,10 @@ import torch.distributed as dist
 
 from megacpm.parallel.pipeline_schedule import build_schedule
 
+# chunk(input, micro-batch index) -> output: the index lets a chunk read that micro-batch's own
+# position and document ids, which every stage has (only activations travel between stages).
+ChunkFn = Callable[[torch.Tensor, int], torch.Tensor]
+
 
 @dataclass
 class PipelineSpec:
@@ -82,7 +86,7 @@ def _backward_through(output: torch.Tensor, grad: torch.Tensor) -> None:
     torch.autograd.Variable._execution_engine.run_backward((output,), (grad,), False, False, (), True, True)
 
 
-def run_pipeline(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
+def run_pipeline(chunks: Sequence[ChunkFn], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
                  loss_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Optional[torch.Tensor]:
     """Forward and backward of every micro-batch through this rank's chunks, in schedule order.
 
@@ -110,7 +114,7 @@ def run_pipeline(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], spec:
                 dist.recv(chunk_input, src=prev_rank, group=spec.group,
                           tag=_tag(0, action.micro_batch, stage - 1, spec.stages))
                 chunk_input.requires_grad_()
-            output = chunks[action.chunk](chunk_input)
+            output = chunks[action.chunk](chunk_input, action.micro_batch)
             inputs[key] = chunk_input
             if stage == spec.stages - 1:
                 loss = loss_fn(output, action.micro_batch)
@@ -140,7 +144,7 @@ def run_pipeline(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], spec:
 
 
 @torch.no_grad()
-def run_forward_only(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
+def run_forward_only(chunks: Sequence[ChunkFn], spec: PipelineSpec, micro_batches: Sequence[torch.Tensor],
                      loss_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Optional[torch.Tensor]:
     """Evaluation: every micro-batch through every virtual stage, no backward.
 
@@ -160,7 +164,7 @@ def run_forward_only(chunks: Sequence[Callable[[torch.Tensor], torch.Tensor]], s
             else:
                 chunk_input = torch.empty(spec.activation_shape, dtype=spec.dtype, device=spec.device)
                 dist.recv(chunk_input, src=prev_rank, group=spec.group, tag=_tag(0, index, stage - 1, spec.stages))
-            output = chunks[chunk](chunk_input)
+            output = chunks[chunk](chunk_input, index)
             if stage == spec.stages - 1:
                 loss = loss_fn(output, index)
                 total_loss = loss if total_loss is None else total_loss + loss

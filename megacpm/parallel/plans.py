@@ -83,7 +83,7 @@ class ReplicatedKVProjection(nn.Module):
 
 
 class VocabParallelOutputLoss:
-    """The LM head's summed loss when the output weight's rows (the vocabulary) are split over the
+    """The LM head's loss (summed, or per token) when the output weight's rows (the vocabulary) are split over the
     TP group: logits a chunk of tokens at a time, padding rows of a vocabulary tp does not divide
     given probability zero (megacpm.kernels.fused_linear_vocab_parallel_cross_entropy). The hidden
     states entered the TP region in the final norm, whose backward sums the ranks' partial input
@@ -93,12 +93,13 @@ class VocabParallelOutputLoss:
         self.group, self.rank = tp.group, tp.rank
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, logit_scale: float,
-                 ignore_index: int, chunk_tokens: Optional[int]) -> torch.Tensor:
+                 ignore_index: int, chunk_tokens: Optional[int], reduction: str = "sum") -> torch.Tensor:
         spec = param_spec(weight)
         valid = spec.padded_rows[1] if spec.padded_rows is not None else weight.shape[0]
         return kernels.fused_linear_vocab_parallel_cross_entropy(
             hidden, weight, labels, self.group, logit_scale=logit_scale, ignore_index=ignore_index,
-            reduction="sum", vocab_start=self.rank * weight.shape[0], valid_rows=valid, chunk_tokens=chunk_tokens)
+            reduction=reduction, vocab_start=self.rank * weight.shape[0], valid_rows=valid,
+            chunk_tokens=chunk_tokens)
 
 
 # -- the plans -------------------------------------------------------------------------------------

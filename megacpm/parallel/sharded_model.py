@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from megacpm.config import ModelConfig
+from megacpm.data.batch import Batch
 from megacpm.model import MiniCPM
 from megacpm.model.compile import CompileStats, compile_blocks
 from megacpm.parallel.context import ParallelContext
@@ -129,50 +130,59 @@ class ShardedModel(nn.Module):
     def last_chunk(self) -> MiniCPM:
         return self.chunks[-1]
 
-    def _pipeline_spec(self, micro_input: torch.Tensor) -> PipelineSpec:
+    def _pipeline_spec(self, micro: Batch) -> PipelineSpec:
         layout = self.ctx.layout
         shards = layout.tp if self.sequence_parallel else 1
-        micro, seq = micro_input.shape
+        rows, seq = micro.input_ids.shape
         return PipelineSpec(pp=layout.pp, rank=self.ctx.pp_rank, vpp=layout.vpp, group=self.ctx.group("pp"),
                             group_ranks=self.ctx.group_ranks["pp"],
-                            activation_shape=(micro, seq // shards, self.cfg.hidden_size),
+                            activation_shape=(rows, seq // shards, self.cfg.hidden_size),
                             dtype=self.param_dtype, device=self.ctx.device)
 
-    def _chunk_fns(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
-        return [chunk.hidden for chunk in self.chunks]
+    def _chunk_fns(self, micro_batches: Sequence[Batch]) -> List[Callable[[torch.Tensor, int], torch.Tensor]]:
+        """Each chunk as the pipeline calls it: (input, micro-batch index) -> output, with that
+        micro-batch's positions and document mask (every stage has them; only activations travel)."""
+        def run(chunk: MiniCPM) -> Callable[[torch.Tensor, int], torch.Tensor]:
+            return lambda x, i: chunk.hidden(x, micro_batches[i].position_ids, micro_batches[i].document_ids)
+        return [run(chunk) for chunk in self.chunks]
 
-    def forward_backward(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn,
+    def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn,
                          before_backward: Optional[Callable[[int], None]] = None) -> torch.Tensor:
-        """Forward and backward of every micro-batch (``inputs[i]``: its token ids), in the
-        pipeline schedule's order under pp > 1. ``loss_fn`` gives the scalar to back-propagate from
-        the last chunk's output; ``before_backward(i)`` runs before micro-batch i's backward on a
-        single stage (the gradient buffer syncs on the last one). Returns the sum of the detached
-        losses on the rank holding the last stage, zero elsewhere."""
+        """Forward and backward of every micro-batch (its token ids, positions and document ids;
+        the objective reads its labels), in the pipeline schedule's order under pp > 1. ``loss_fn``
+        gives the scalar to back-propagate from the last chunk's output; ``before_backward(i)`` runs
+        before micro-batch i's backward on a single stage (the gradient buffer syncs on the last
+        one). Returns the sum of the detached losses on the rank holding the last stage, zero
+        elsewhere."""
         last = self.last_chunk
         zero = torch.zeros((), device=self.ctx.device)
         self.train()
+        chunk_fns = self._chunk_fns(micro_batches)
+        inputs = [micro.input_ids for micro in micro_batches]
         if self.ctx.layout.pp == 1:
             total = zero
             for i, micro_input in enumerate(inputs):
-                loss = loss_fn(last, last.hidden(micro_input), i)
+                loss = loss_fn(last, chunk_fns[0](micro_input, i), i)
                 if before_backward is not None:
                     before_backward(i)
                 loss.backward()
                 total = total + loss.detach()
             return total
-        total = run_pipeline(self._chunk_fns(), self._pipeline_spec(inputs[0]), inputs,
+        total = run_pipeline(chunk_fns, self._pipeline_spec(micro_batches[0]), inputs,
                              lambda output, i: loss_fn(last, output, i))
         return total if total is not None else zero
 
     @torch.no_grad()
-    def forward_only(self, inputs: Sequence[torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
-        """Evaluation: every micro-batch forward through every stage; the summed ``loss_fn`` values
-        on the last stage's ranks, zero elsewhere."""
+    def forward_only(self, micro_batches: Sequence[Batch], loss_fn: LossFn) -> torch.Tensor:
+        """Evaluation (and scoring): every micro-batch forward through every stage; the summed
+        ``loss_fn`` values on the last stage's ranks, zero elsewhere."""
         last = self.last_chunk
         self.eval()
+        chunk_fns = self._chunk_fns(micro_batches)
+        inputs = [micro.input_ids for micro in micro_batches]
         if self.ctx.layout.pp == 1:
-            return sum((loss_fn(last, last.hidden(x), i).float() for i, x in enumerate(inputs)),
+            return sum((loss_fn(last, chunk_fns[0](x, i), i).float() for i, x in enumerate(inputs)),
                        torch.zeros((), device=self.ctx.device))
-        total = run_forward_only(self._chunk_fns(), self._pipeline_spec(inputs[0]), inputs,
+        total = run_forward_only(chunk_fns, self._pipeline_spec(micro_batches[0]), inputs,
                                  lambda output, i: loss_fn(last, output, i).float())
         return torch.zeros((), device=self.ctx.device) if total is None else total.float()

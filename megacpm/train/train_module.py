@@ -111,7 +111,7 @@ class TrainModule:
             # chunks; the buckets are reduced after the schedule (finish_gradients).
             self.optimizer.sync_gradients(False)
             before_backward = None
-        self.model.forward_backward([m.input_ids for m in micro_batches], loss_fn, before_backward)
+        self.model.forward_backward(micro_batches, loss_fn, before_backward)
         self.optimizer.finish_gradients()
         norm = self.optimizer.grad_norm()
         metrics = self._global_metrics(stats, normaliser)
@@ -136,5 +136,5 @@ class TrainModule:
         normaliser = self.objective.normaliser(batch)
         micro_batches = self._micro_batches(batch)
         stats, loss_fn_for = self._accumulator()
-        self.model.forward_only([m.input_ids for m in micro_batches], loss_fn_for(micro_batches, 1.0))
+        self.model.forward_only(micro_batches, loss_fn_for(micro_batches, 1.0))
         return self._global_metrics(stats, normaliser)

@@ -63,7 +63,8 @@ def _pipelined(vpp):
         mine.update({i: model[i] for i in ids})
     spec = PipelineSpec(pp=pp, rank=rank, vpp=vpp, group=ctx.group("pp"), group_ranks=ctx.group_ranks["pp"],
                         activation_shape=(MB, SEQ, DIM))
-    total = run_pipeline(chunks, spec, list(xs), lambda out, i: loss_of(out, ts[i]))
+    chunk_fns = [lambda x, i, chunk=chunk: chunk(x) for chunk in chunks]
+    total = run_pipeline(chunk_fns, spec, list(xs), lambda out, i: loss_of(out, ts[i]))
     grads = {i: [p.grad.clone() for p in b.parameters()] for i, b in mine.items()}
     return None if total is None else total.item(), grads
 
