@@ -33,6 +33,9 @@ class Objective(abc.ABC):
 
     kind = "base"
     stat_names: Tuple[str, ...] = ()  # the keys of the statistics ``loss`` returns, in a fixed order
+    # Batch rows per sample: the batch sizes count samples, and a sample's rows always share a
+    # micro-batch and a rank (DPO's pair: 2).
+    rows_per_sample = 1
 
     @abc.abstractmethod
     def normaliser(self, batch: Batch) -> float:

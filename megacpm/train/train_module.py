@@ -49,7 +49,7 @@ class TrainModule:
                                   activation_checkpointing=t.activation_checkpointing, generator=generator,
                                   param_dtype=param_dtype, compile=t.compile)
         self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
-        self.objective = objective or build_objective(cfg.objective.kind)
+        self.objective = objective or build_objective(cfg.objective)
 
     @property
     def optimizer_steps(self) -> int:
@@ -59,7 +59,8 @@ class TrainModule:
     def _micro_batches(self, batch: Batch):
         layout = self.ctx.layout
         local = shard_batch(batch, self.ctx.dp_rank, layout.dp, self.ctx.coord("cp"), layout.cp)
-        return [micro.to(self.ctx.device).contiguous() for micro in local.split_rows(self.cfg.train.micro_batch_size)]
+        rows = self.cfg.train.micro_batch_size * self.objective.rows_per_sample  # a sample's rows stay together
+        return [micro.to(self.ctx.device).contiguous() for micro in local.split_rows(rows)]
 
     def _accumulator(self):
         """(statistics summed over this rank's micro-batches, the loss_fn for the model runner
@@ -131,7 +132,7 @@ class TrainModule:
         forward-only pipeline. A batch that does not fill dp * micro_batch_size rows evenly is padded
         with rows whose labels are all ignored, so the result does not depend on the layout.
         """
-        per_round = self.ctx.layout.dp * self.cfg.train.micro_batch_size
+        per_round = self.ctx.layout.dp * self.cfg.train.micro_batch_size * self.objective.rows_per_sample
         batch = batch.pad_rows(-(-batch.num_rows // per_round) * per_round)
         normaliser = self.objective.normaliser(batch)
         micro_batches = self._micro_batches(batch)
