@@ -51,6 +51,21 @@ class TrainModule:
         self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
         self.objective = objective or build_objective(cfg.objective)
 
+    def load_initial_weights(self, source) -> None:
+        """Fine-tuning's start (train.init_from): the weights of ``source`` (a
+        megacpm.checkpoint.InitSource) into every rank's shards, and the optimizer's fp32 masters
+        made from them (its moments zero, its step 0): the masters were copied from the parameters
+        when the optimizer was built, and the first step would otherwise publish those back."""
+        from megacpm.checkpoint import load_initial_weights  # the checkpoint layer, loaded when used
+
+        load_initial_weights(source, self.cfg.model, self.model)
+        fresh = {}
+        for name, param in self.model.params_by_name().items():
+            master = param.detach().float()
+            fresh[name] = {"master": master, "exp_avg": torch.zeros_like(master),
+                           "exp_avg_sq": torch.zeros_like(master)}
+        self.optimizer.load_state_by_name(fresh, 0)
+
     @property
     def optimizer_steps(self) -> int:
         return self.optimizer.step_count

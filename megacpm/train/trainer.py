@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megacpm.checkpoint import (CheckpointError, PendingSave, TrainerState, latest_checkpoint, load_checkpoint,
-                                resolve_resume, save_checkpoint, save_checkpoint_async)
+                                resolve_init_source, resolve_resume, save_checkpoint, save_checkpoint_async)
 from megacpm.io.atomic import write_text_atomic
 from megacpm.io.run_lock import RunLock
 from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, TENSORBOARD_DIR
@@ -168,6 +168,10 @@ class Trainer:
 
     def _resume(self, checkpoint: Optional[Path]) -> None:
         signature = data_signature(self.cfg.data)
+        if checkpoint is None and self.cfg.train.init_from:  # a fresh run only: a resumed one ignores it
+            source = self.ctx.run_on_rank0(lambda: resolve_init_source(self.cfg.train.init_from))
+            self.module.load_initial_weights(source)
+            self._message(f"initial weights from {source.describe()} (optimizer and step fresh)")
         if checkpoint is not None:
             self.state = load_checkpoint(checkpoint, self.cfg, self.module)
             self._message(f"resumed from {checkpoint} (step {self.state.step})")
