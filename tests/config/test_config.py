@@ -104,7 +104,7 @@ def test_defaults_are_a_valid_config():
     ("--train.device=tpu", "train.device: must be one of auto, cpu, cuda, got 'tpu'"),
     ("--train.precision=fp16", "train.precision: must be one of auto, fp32, bf16, got 'fp16'"),
     ("--model.attention_impl=fast", "model.attention_impl: must be one of auto, sdpa, flash, eager, got 'fast'"),
-    ("--data.source=web", "data.source: must be one of embedded, text, megatron, got 'web'"),
+    ("--data.source=web", "data.source: must be one of embedded, text, megatron, sft, preference, got 'web'"),
     ("--log.wandb_mode=disabled", "log.wandb_mode: must be one of online, offline, got 'disabled'"),
     ("--train.device=1", "train.device: must be one of auto, cpu, cuda, got 1"),
 ])
