@@ -115,10 +115,18 @@ def check_finite(key: str, value: Any) -> None:
 
 
 def _is_str_field(tp: Any) -> bool:
-    """str or Optional[str]: the fields whose override text is taken as typed."""
+    """str, Optional[str] or a string-or-list-of-strings field (data.path): the fields whose
+    override text is taken as typed (a list-taking field's text in [...] is a YAML list)."""
     if tp is str:
         return True
-    return typing.get_origin(tp) is typing.Union and set(typing.get_args(tp)) == {str, type(None)}
+    if typing.get_origin(tp) is not typing.Union:
+        return False
+    members = set(typing.get_args(tp)) - {type(None)}
+    return str in members and all(m is str or typing.get_origin(m) is list for m in members)
+
+
+def _takes_list(tp: Any) -> bool:
+    return typing.get_origin(tp) is typing.Union and any(typing.get_origin(m) is list for m in typing.get_args(tp))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -377,7 +385,7 @@ def apply_mapping(cfg: Config, mapping: Dict[str, Any], origin: str,
                 dotted = f"{section}.{key}"
                 tp = _field_type(cfg, dotted)
                 text = plain.get(dotted)
-                if _is_str_field(tp) and value is not None and not isinstance(value, str) and text:
+                if _is_str_field(tp) and value is not None and not isinstance(value, (str, list)) and text:
                     _fail(dotted, f"YAML reads {shown(text)} as {_yaml_kind(value)}, not a string: "
                                   f"quote it (\"{shown(text)}\")")
                 set_value(cfg, dotted, value)
@@ -451,7 +459,7 @@ def parse_overrides(args: Iterable[str]) -> List[Tuple[str, Any]]:
 def override_value(cfg: Config, dotted: str, raw: str) -> Any:
     """The value of the override ``--dotted=raw`` for its field's type."""
     tp = _field_type(cfg, dotted)
-    if _is_str_field(tp):
+    if _is_str_field(tp) and not (_takes_list(tp) and raw.lstrip().startswith("[")):
         return text_value(raw, optional=tp is not str)
     return parse_value(raw)
 
