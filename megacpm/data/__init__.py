@@ -7,6 +7,7 @@ Megatron-LM's .bin/.idx corpora. Every user-facing problem raises ``DataError``.
 """
 from megacpm.data.batch import IGNORE_INDEX, Batch, shard_batch
 from megacpm.data.build import DataBundle, build_datasets, data_signature
+from megacpm.data.chat import SAMPLE_INDEX, ChatDataBundle, ChatDataset
 from megacpm.data.errors import DataError
 from megacpm.data.gpt_dataset import GPTSampleDataset, get_batch
 from megacpm.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
@@ -16,7 +17,10 @@ __all__ = [
     "Batch",
     "IGNORE_INDEX",
     "shard_batch",
+    "ChatDataBundle",
+    "ChatDataset",
     "DataBundle",
+    "SAMPLE_INDEX",
     "DataError",
     "EOD_ID",
     "EOD_TOKEN",

@@ -54,6 +54,18 @@ class Batch:
             raise ValueError(f"token windows must be [batch, seq + 1] with seq >= 1, got {tuple(windows.shape)}")
         return cls(input_ids=windows[:, :-1], labels=windows[:, 1:])
 
+    def with_document_mask(self, eod_id: int) -> "Batch":
+        """The batch with its documents separated (data.document_mask): each end-of-document token in
+        input_ids closes a document, positions restart after it and attention stays inside each."""
+        is_eod = (self.input_ids == eod_id).long()
+        documents = torch.cumsum(is_eod, dim=1) - is_eod  # the end token belongs to the document it ends
+        index = torch.arange(self.seq_len, device=self.input_ids.device).expand_as(self.input_ids)
+        starts_here = torch.zeros_like(is_eod, dtype=torch.bool)
+        starts_here[:, 0] = True
+        starts_here[:, 1:] = is_eod[:, :-1].bool()
+        first = torch.cummax(torch.where(starts_here, index, torch.zeros_like(index)), dim=1).values
+        return replace(self, position_ids=index - first, document_ids=documents)
+
     # -- shape -----------------------------------------------------------------------------------
     @property
     def num_rows(self) -> int:

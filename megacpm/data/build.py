@@ -15,18 +15,21 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+import sys
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from megacpm.config.schema import DATA_SOURCES, DataConfig
+from megacpm.config.schema import CHAT_SOURCES, DATA_SOURCES, DataConfig
+from megacpm.data.batch import Batch
+from megacpm.data.chat import ChatDataBundle, build_chat_datasets
 from megacpm.data.cache import cache_key, resolve_cache_dir
 from megacpm.data.corpus import Corpus, text_corpus
 from megacpm.data.embedded import embedded_corpus
 from megacpm.data.errors import DataError
 from megacpm.data.blending import BlendedDataset
-from megacpm.data.gpt_dataset import GPTSampleDataset
+from megacpm.data.gpt_dataset import GPTSampleDataset, get_batch
 from megacpm.data.splits import VALIDATION_SPLIT_SEED, held_out_doc_ids, validation_doc_ids  # noqa: F401 (re-exported)
 from megacpm.data.indexed_dataset import (IndexedDataset, IndexedDatasetWriter, check_token_ids, dtype_for_vocab,
                                           index_path)
@@ -45,6 +48,19 @@ class DataBundle:
     valid_tokens: int
     train_docs: int
     valid_docs: int
+    document_mask_eod: Optional[int] = None  # data.document_mask: the token that ends a document
+
+    def train_batch(self, start: int, count: int) -> Batch:
+        """Stream positions start .. start + count - 1 of the train split."""
+        return self._batch(self.train, start, count)
+
+    def eval_batch(self, count: int) -> Batch:
+        """The first ``count`` validation samples (the same under every layout and seed)."""
+        return self._batch(self.valid, 0, count)
+
+    def _batch(self, dataset, start: int, count: int) -> Batch:
+        batch = Batch.from_tokens(get_batch(dataset, start, count))
+        return batch if self.document_mask_eod is None else batch.with_document_mask(self.document_mask_eod)
 
     def describe(self) -> str:
         return (
@@ -153,19 +169,48 @@ def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed:
                       valid_docs=sum(d.num_docs for d in valid))
 
 
-def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
-    """The train and validation sample streams of data_cfg for a model with vocab_size tokens."""
+def _print_warning(text: str) -> None:
+    print(f"megacpm: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _tokenizer_for(data_cfg: DataConfig, corpus: Corpus, vocab_size: int, cache_dir: Path,
+                   read_documents: Callable[[], List[str]]) -> LoadedTokenizer:
+    if data_cfg.tokenizer:
+        return load_given_tokenizer(data_cfg.tokenizer, vocab_size)
+    return load_or_train_tokenizer(corpus, vocab_size, cache_dir, read_documents)
+
+
+def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int,
+                   warn: Callable[[str], None] = _print_warning) -> Union[DataBundle, ChatDataBundle]:
+    """The train and validation sample streams of data_cfg for a model with vocab_size tokens.
+    ``warn`` receives one line per data problem that does not stop the run (skipped chat lines)."""
+    if data_cfg.source in CHAT_SOURCES:
+        # Without data.tokenizer, chat text is tokenized as the embedded pretraining run's is (the
+        # same cached tokenizer), so a tiny pretrained run can be fine-tuned as it is.
+        corpus = embedded_corpus(data_cfg.max_corpus_mb)
+        cache_dir = resolve_cache_dir(data_cfg.cache_dir)
+        loaded = _tokenizer_for(data_cfg, corpus, vocab_size, cache_dir, corpus.read_documents)
+        return build_chat_datasets(data_cfg, loaded, seq_len, seed, warn)
+    bundle = _pretraining_datasets(data_cfg, vocab_size, seq_len, seed)
+    if data_cfg.document_mask:
+        eod_id = bundle.eod_id
+        if eod_id is None:
+            if not data_cfg.tokenizer:
+                raise DataError("data.document_mask: needs the end-of-document token of this megatron corpus; "
+                                "set data.tokenizer to the tokenizer it was made with")
+            eod_id = load_given_tokenizer(data_cfg.tokenizer, vocab_size).eod_id
+        bundle = dataclasses.replace(bundle, document_mask_eod=eod_id)
+    return bundle
+
+
+def _pretraining_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int) -> DataBundle:
     if data_cfg.source == "megatron":
         return megatron_datasets(data_cfg, vocab_size, seq_len, seed)
     corpus = open_corpus(data_cfg)
     cache_dir = resolve_cache_dir(data_cfg.cache_dir)
     # Read at most once, and only when the tokenizer or the tokens are not cached.
     read_documents = functools.lru_cache(maxsize=1)(corpus.read_documents)
-
-    if data_cfg.tokenizer:
-        loaded = load_given_tokenizer(data_cfg.tokenizer, vocab_size)
-    else:
-        loaded = load_or_train_tokenizer(corpus, vocab_size, cache_dir, read_documents)
+    loaded = _tokenizer_for(data_cfg, corpus, vocab_size, cache_dir, read_documents)
     prefix = load_or_tokenize(corpus, loaded, cache_dir, read_documents)
     train, valid, test = _indexed_splits(str(prefix), data_cfg, vocab_size, seq_len, seed,
                                          description=corpus.description)

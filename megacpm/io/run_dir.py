@@ -6,6 +6,7 @@
     RUN/profile/                    torch.profiler traces (log.profile_steps)
     RUN/wandb/                      Weights & Biases files (log.wandb), run_id: the W&B run's id
     RUN/lineage.json                a branch's parent checkpoint and step
+    RUN/reference_logps.npz         DPO's precomputed reference scores (objective.reference precompute)
     RUN/checkpoints/step_N/         one complete checkpoint
         trainer_state.json, config.yaml, state/ (DCP), rng/rank_R.json
     RUN/checkpoints/latest          the name of the newest complete checkpoint
@@ -26,6 +27,7 @@ TENSORBOARD_DIR = "tb"
 PROFILE_DIR = "profile"
 WANDB_DIR = "wandb"
 LINEAGE_FILE = "lineage.json"
+REFERENCE_FILE = "reference_logps.npz"  # derived from the data and the initial weights; rebuilt when missing
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 LOCK_FILE = ".lock"  # the run lock (megacpm.io.run_lock): one live trainer per run directory

@@ -8,13 +8,24 @@ the micro-batch composition's rounding.
 """
 from __future__ import annotations
 
+import io
+import json
 import math
+import zipfile
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from megacpm.checkpoint.init_from import InitSource, load_initial_weights
+from megacpm.config import Config
 from megacpm.data.batch import Batch, shard_batch
-from megacpm.objectives.dpo import sequence_logps
+from megacpm.data.chat import SAMPLE_INDEX
+from megacpm.io import atomic
+from megacpm.objectives.dpo import REFERENCE_LOGPS, sequence_logps
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.sharded_model import ShardedModel
 
@@ -52,3 +63,79 @@ def score_rows(model: ShardedModel, ctx: ParallelContext, batch: Batch, micro_ro
         dist.all_reduce(scores)
         scores /= math.prod(layout.size(axis) for axis in SCORES_REPLICATED_OVER)
     return scores[:batch.num_rows].cpu()
+
+
+# -- the two reference modes -------------------------------------------------------------------
+def reference_model(cfg: Config, ctx: ParallelContext, param_dtype: torch.dtype,
+                    source: Optional[InitSource]) -> ShardedModel:
+    """A frozen copy of the run's initial weights on this layout: train.init_from's, or (without
+    it) the seeded initialisation every rank builds the policy from."""
+    model = ShardedModel(cfg.model, ctx, sequence_parallel=cfg.parallel.sp,
+                         generator=torch.Generator().manual_seed(cfg.train.seed), param_dtype=param_dtype)
+    if source is not None:
+        load_initial_weights(source, cfg.model, model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def _with_reference(batch: Batch, logps: torch.Tensor) -> Batch:
+    return replace(batch, extras={**batch.extras, REFERENCE_LOGPS: logps.to(torch.float64)})
+
+
+class LiveReference:
+    """``objective.reference: live``: each batch scored by a frozen model as it comes."""
+
+    def __init__(self, model: ShardedModel, ctx: ParallelContext, micro_rows: int):
+        self.model, self.ctx, self.micro_rows = model, ctx, micro_rows
+
+    def attach(self, batch: Batch, split: str) -> Batch:
+        return _with_reference(batch, score_rows(self.model, self.ctx, batch, self.micro_rows))
+
+
+class PrecomputedReference:
+    """``objective.reference: precompute``: every pair's scores looked up by its sample index."""
+
+    def __init__(self, tables: Dict[str, np.ndarray]):
+        self.tables = tables  # split -> float64 [pairs, 2] (chosen, rejected)
+
+    def attach(self, batch: Batch, split: str) -> Batch:
+        units = batch.extras[SAMPLE_INDEX].numpy()
+        side = np.arange(batch.num_rows) % 2  # rows alternate chosen, rejected
+        return _with_reference(batch, torch.from_numpy(self.tables[split][units, side]))
+
+
+def score_split(model: ShardedModel, ctx: ParallelContext, dataset, micro_rows: int, units_per_call: int
+                ) -> np.ndarray:
+    """float64 [units, rows per unit]: every unit of a split scored, ``units_per_call`` at a time."""
+    scores = np.zeros((dataset.num_samples, dataset.rows_per_sample), dtype=np.float64)
+    for start in range(0, dataset.num_samples, units_per_call):
+        units = range(start, min(start + units_per_call, dataset.num_samples))
+        scores[start:units.stop] = score_rows(model, ctx, dataset.batch_of(units), micro_rows).view(
+            len(units), dataset.rows_per_sample).numpy()
+    return scores
+
+
+def reference_identity(cfg: Config, data_signature: str, init: str) -> Dict[str, object]:
+    """What a precomputed table depends on: checked before a resumed run uses one."""
+    return {"version": 1, "data": data_signature, "init": init, "model": asdict(cfg.model)}
+
+
+def save_reference_table(path: Path, tables: Dict[str, np.ndarray], identity: Dict[str, object]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, identity=np.frombuffer(json.dumps(identity, sort_keys=True).encode("utf-8"), dtype=np.uint8),
+             **tables)
+    atomic.write_bytes_atomic(path, buffer.getvalue())
+
+
+def load_reference_table(path: Path) -> Optional[Tuple[Dict[str, np.ndarray], Dict[str, object]]]:
+    """(tables, identity) of a saved table, None when there is none or it cannot be read (it is
+    rebuilt then: a table is derived data)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            identity = json.loads(saved["identity"].tobytes().decode("utf-8"))
+            return {name: saved[name] for name in saved.files if name != "identity"}, identity
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None

@@ -18,6 +18,7 @@ config.yaml. A rejected start leaves the run directory byte-identical.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -32,14 +33,16 @@ from megacpm.checkpoint import (CheckpointError, PendingSave, TrainerState, late
                                 resolve_init_source, resolve_resume, save_checkpoint, save_checkpoint_async)
 from megacpm.io.atomic import write_text_atomic
 from megacpm.io.run_lock import RunLock
-from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, TENSORBOARD_DIR
+from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, REFERENCE_FILE, TENSORBOARD_DIR
 from megacpm.config import Config, dump_yaml
-from megacpm.data import Batch, DataBundle, DataError, build_datasets, data_signature, get_batch
+from megacpm.data import Batch, DataBundle, DataError, build_datasets, data_signature
 from megacpm.optim import LRSchedule
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.callbacks import (Callback, CallbackList, Checkpointing, CommStats, CompileMonitor, Console,
                                      Evaluation, GpuMonitor, MetricsFile, Profiler, StepRecords, TensorBoard, WandB)
 from megacpm.train.device import param_dtype, resolve_device
+from megacpm.train.reference import (LiveReference, PrecomputedReference, load_reference_table, reference_identity,
+                                     reference_model, save_reference_table, score_split)
 from megacpm.train.train_module import TrainModule
 
 
@@ -85,6 +88,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(cfg.schedule, cfg.optim.lr, t.steps)
         self.state = TrainerState()
         self.pending: Optional[PendingSave] = None  # a checkpoint being written in the background
+        self.reference = None  # DPO: what attaches the reference model's scores to each batch
         self.lock = RunLock(self.run_dir)  # held by rank 0 for the run's life (the job's lock)
 
     def _build_data(self) -> DataBundle:
@@ -93,7 +97,8 @@ class Trainer:
         t = self.cfg.train
 
         def build() -> DataBundle:
-            return build_datasets(self.cfg.data, vocab_size=self.cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed)
+            return build_datasets(self.cfg.data, vocab_size=self.cfg.model.vocab_size, seq_len=t.seq_len, seed=t.seed,
+                                  warn=self._warn)
 
         if self.ctx.world_size == 1:
             return build()
@@ -115,6 +120,8 @@ class Trainer:
         LR and the objective's own (global, the same on every rank)."""
         t = self.cfg.train
         batch = self.next_batch()
+        if self.reference is not None:
+            batch = self.reference.attach(batch, "train")
         lr = self.schedule(step)
         metrics = self.module.step(batch, lr)
         loss, grad_norm = metrics["loss"], metrics["grad_norm"]
@@ -138,13 +145,15 @@ class Trainer:
     def next_batch(self) -> Batch:
         """The global batch of the coming step: the current data config's stream at its position."""
         position = self.state.consumed_samples - self.state.data_start
-        return Batch.from_tokens(get_batch(self.data.train, position, self.cfg.train.global_batch_size))
+        return self.data.train_batch(position, self.cfg.train.global_batch_size)
 
     def evaluate(self) -> Dict[str, float]:
         """The objective's metrics, as eval_<name>, on the first eval_batches * micro_batch_size
         validation samples (the same samples, and so the same values, under every layout)."""
         t = self.cfg.train
-        batch = Batch.from_tokens(get_batch(self.data.valid, 0, t.eval_batches * t.micro_batch_size))
+        batch = self.data.eval_batch(t.eval_batches * t.micro_batch_size)
+        if self.reference is not None:
+            batch = self.reference.attach(batch, "valid")
         return {f"eval_{name}": value for name, value in self.module.evaluate(batch).items()}
 
     # -- the run --------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ class Trainer:
     def _resume(self, checkpoint: Optional[Path]) -> None:
         signature = data_signature(self.cfg.data)
         if checkpoint is None and self.cfg.train.init_from:  # a fresh run only: a resumed one ignores it
-            source = self.ctx.run_on_rank0(lambda: resolve_init_source(self.cfg.train.init_from))
+            source = self._init_source()
             self.module.load_initial_weights(source)
             self._message(f"initial weights from {source.describe()} (optimizer and step fresh)")
         if checkpoint is not None:
@@ -180,6 +189,48 @@ class Trainer:
                 self._message(f"the data config differs from the checkpoint's: its stream starts at step "
                               f"{self.state.step + 1} from its first sample")
         self.state.data_signature = signature
+
+    def _init_source(self):
+        init_from = self.cfg.train.init_from
+        return self.ctx.run_on_rank0(lambda: resolve_init_source(init_from)) if init_from else None
+
+    def _prepare_reference(self):
+        """DPO's reference scores: a frozen model (live), or the table of every pair's scores
+        (precompute), loaded from the run directory when it matches this run's data and initial
+        weights, else scored now with the initial weights and written there atomically."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.objective.kind != "dpo":
+            return None
+        micro_rows = cfg.train.micro_batch_size * self.module.objective.rows_per_sample
+        source = self._init_source()
+        if cfg.objective.reference == "live":
+            return LiveReference(reference_model(cfg, ctx, self.param_dtype, source), ctx, micro_rows)
+        from megacpm.checkpoint import init_fingerprint  # loaded when used
+
+        path = self.run_dir / REFERENCE_FILE
+        init = ctx.run_on_rank0(lambda: init_fingerprint(source)) if source is not None else f"seed {cfg.train.seed}"
+        identity = json.loads(json.dumps(reference_identity(cfg, self.data.signature, init), sort_keys=True))
+        saved = ctx.run_on_rank0(lambda: load_reference_table(path))
+        if saved is not None:
+            tables, stored = saved
+            if stored == identity:
+                return PrecomputedReference(tables)
+            if stored.get("init") != init and self.state.step > 0:
+                raise CheckpointError(
+                    f"{path}: the reference scores were computed from other initial weights than train.init_from "
+                    f"{cfg.train.init_from or '(none: the seeded initialisation)'} now holds; restore those "
+                    f"weights, or delete {path.name} to score with the current ones")
+            self._message(f"{path.name}: made for another data or model config; scoring again")
+        elif self.state.step > 0:
+            self._warn(f"{path}: missing; scoring the reference again from the initial weights")
+        # A fresh run's policy still holds the initial weights: it scores, and no copy is built.
+        model = self.module.model if self.state.step == 0 else reference_model(cfg, ctx, self.param_dtype, source)
+        self._message(f"reference (objective.reference precompute): scoring {self.data.train.num_samples} train and "
+                      f"{self.data.valid.num_samples} validation pairs with the initial weights")
+        tables = {split: score_split(model, ctx, dataset, micro_rows, cfg.train.global_batch_size)
+                  for split, dataset in (("train", self.data.train), ("valid", self.data.valid))}
+        ctx.run_on_rank0(lambda: save_reference_table(path, tables, identity))
+        return PrecomputedReference(tables)
 
     def _save(self, background: bool = False) -> Path:
         """Checkpoint the current step (after publishing any save still in flight)."""
@@ -252,6 +303,7 @@ class Trainer:
             self._message(f"{self.run_dir}: already at step {self.state.step} of {t.steps}; nothing to do "
                           f"(raise train.steps to continue)")
             return RunResult("already-complete", self.state.step, None, None, self.run_dir)
+        self.reference = self._prepare_reference()
 
         callbacks = self.callbacks = CallbackList([*self.default_callbacks(), *self._extra_callbacks])
         self.should_stop, self.last_eval_loss, metrics, result = False, None, None, None
