@@ -17,6 +17,7 @@ from typing import List, Optional
 # Only light modules at the top (the config and pure layout arithmetic, no torch): a bad config or
 # argument fails in a fraction of a second. The verbs import torch's heavy parts locally, below.
 from megacpm.config import ConfigError, config_to_dict, dump_yaml, load_config, preset_names, validate
+from megacpm.config.loader import resolve_source, shown, split_overrides
 from megacpm.io.errors import EntryPointError, describe_os_error
 from megacpm.io.run_dir import CONFIG_FILE
 from megacpm.parallel.layout import ParallelLayout
@@ -38,8 +39,39 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def cmd_train(config: str, overrides: List[str]) -> int:
+# The fine-tuning verbs: `megacpm VERB` is `megacpm train` with objective.kind VERB.
+FINETUNE_VERBS = ("sft", "dpo")
+
+
+def training_config(config: str, overrides: List[str], kind: Optional[str] = None):
+    """The (not yet validated) Config a training verb runs: CONFIG plus the overrides, and for a
+    fine-tuning verb (``kind`` sft or dpo) its objective.kind. A config of objective.kind lm (the
+    default) takes the verb's kind, unless it is a run directory (that run would be resumed with
+    another objective); one of the other fine-tuning kind, or an --objective.kind override that
+    contradicts the verb, is a ConfigError naming objective.kind."""
     cfg = load_config(config, overrides)
+    if kind is None or cfg.objective.kind == kind:
+        return cfg
+    verb = f"megacpm {kind}"
+    for key, raw in split_overrides(overrides):
+        if key == "objective.kind":
+            other = f"megacpm {cfg.objective.kind}" if cfg.objective.kind in FINETUNE_VERBS else "megacpm train"
+            raise ConfigError(f"--objective.kind={shown(raw)} contradicts '{verb}' (objective.kind {kind}); "
+                              f"run it with '{other}', or drop the override", key="objective.kind")
+    if cfg.objective.kind != "lm":
+        raise ConfigError(f"{shown(config)} has objective.kind {cfg.objective.kind}, not {kind}; run it with "
+                          f"'megacpm {cfg.objective.kind}' (or set --objective.kind={kind})", key="objective.kind")
+    if resolve_source(config)[2]:
+        # Not a fine-tuning of that run: its directory would be resumed with another objective.
+        raise ConfigError(f"{shown(config)} is a run directory of objective.kind lm; fine-tune its weights in a "
+                          f"new run: {verb} CONFIG --train.init_from={shown(config)}", key="objective.kind")
+    cfg.objective.kind = kind
+    return cfg
+
+
+def cmd_train(config: str, overrides: List[str], kind: Optional[str] = None) -> int:
+    """`megacpm train` (objective.kind from the config), or with ``kind`` `megacpm sft` / `megacpm dpo`."""
+    cfg = training_config(config, overrides, kind)
     validate(cfg, world_size=_world_size())  # before any process group or file exists
     # Imported after validation (start-up speed, not a cycle): a bad config must fail fast, without
     # loading torch's heavy parts.
@@ -92,6 +124,7 @@ def model_summary(cfg, world_size: int) -> dict:
     """Sizes, FLOPs and per-rank memory of a config, computed without allocating the model."""
     # Local for start-up speed (these load torch), not for a cycle.
     from megacpm.model import count_parameters
+    from megacpm.objectives import OBJECTIVES
     from megacpm.train.flops import flops_per_token
     from megacpm.train.memory import estimate_training_memory
 
@@ -99,7 +132,9 @@ def model_summary(cfg, world_size: int) -> dict:
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     device_type = "cuda" if cfg.train.device != "cpu" else "cpu"
     memory = estimate_training_memory(cfg, counts["total"], device_type=device_type, world_size=world_size)
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    # Rows of seq_len tokens: a DPO pair is two (chosen, rejected), and global_batch_size counts pairs.
+    rows_per_step = cfg.train.global_batch_size * OBJECTIVES[cfg.objective.kind].rows_per_sample
+    tokens_per_step = rows_per_step * cfg.train.seq_len
     layout = ParallelLayout.from_config(cfg.parallel, world_size)
     return {
         "config": cfg.run.name,
@@ -184,13 +219,22 @@ def cmd_runs(root: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megacpm", allow_abbrev=False,
-        description="Train MiniCPM-family models (muP, WSD, 3D parallelism).",
+        description="Train MiniCPM-family models (muP, WSD, 3D parallelism), then fine-tune them (SFT, DPO).",
         epilog=f"presets: {', '.join(preset_names())}",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    train = verbs.add_parser("train", allow_abbrev=False, help="pretrain or continue a run",
-                             description="Pretrain or continue a run. Overrides: --section.key=value.")
+    train = verbs.add_parser("train", allow_abbrev=False, help="pretrain or continue a run (any objective.kind)",
+                             description="Pretrain or continue a run; objective.kind (lm, sft, dpo) comes from "
+                                         "the config. Overrides: --section.key=value.")
     train.add_argument("config", help="preset name, YAML file or run directory")
+    for verb, what, data in (("sft", "supervised fine-tuning on chat samples", "sft"),
+                             ("dpo", "direct preference optimisation on (chosen, rejected) pairs", "preference")):
+        finetune = verbs.add_parser(
+            verb, allow_abbrev=False, help=f"{verb.upper()}: train with objective.kind {verb}",
+            description=f"{what[0].upper() + what[1:]}: 'megacpm train' with objective.kind {verb} (a config "
+                        f"of kind lm takes it). Needs data.source {data}; train.init_from names the weights to "
+                        f"start from. Overrides: --section.key=value.")
+        finetune.add_argument("config", help="preset name, YAML file or run directory")
     info = verbs.add_parser("info", allow_abbrev=False, help="parameters, FLOPs and memory of a config")
     info.add_argument("config", help="preset name, YAML file or run directory")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -220,6 +264,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.verb == "train":
             return cmd_train(args.config, overrides)
+        if args.verb in FINETUNE_VERBS:
+            return cmd_train(args.config, overrides, kind=args.verb)
         if args.verb == "branch":
             return cmd_branch(args.source, args.new_run, overrides)
         if args.verb == "runs":

@@ -9,10 +9,22 @@ from megacpm.config.loader import parse_overrides
 def test_presets_exist_and_validate():
     names = preset_names()
     for required in ("tiny", "minicpm-1.2b", "minicpm-2.4b", "minicpm-2.4b-128k",
-                     "wt-9m", "wt-36m", "wt-66m", "wt-0.1b", "wt-0.17b", "wt-0.24b", "wt-0.5b"):
+                     "wt-9m", "wt-36m", "wt-66m", "wt-0.1b", "wt-0.17b", "wt-0.24b", "wt-0.5b",
+                     "tiny-sft", "tiny-dpo", "minicpm-2.4b-sft", "minicpm-2.4b-dpo", "minicpm-1.2b-dpo"):
         assert required in names
     for name in names:
         validate(load_config(name), check_data=False)
+
+
+@pytest.mark.parametrize("name, base, kind", [
+    ("tiny-sft", "tiny", "sft"), ("tiny-dpo", "tiny", "dpo"), ("minicpm-2.4b-sft", "minicpm-2.4b", "sft"),
+    ("minicpm-2.4b-dpo", "minicpm-2.4b", "dpo"), ("minicpm-1.2b-dpo", "minicpm-1.2b", "dpo"),
+])
+def test_finetuning_presets_repeat_their_base_model(name, base, kind):
+    cfg = load_config(name)
+    assert cfg.model == load_config(base).model  # train.init_from's shapes match
+    assert cfg.objective.kind == kind and cfg.data.source == ("sft" if kind == "sft" else "preference")
+    assert cfg.optim.mup_lr_scaling == (kind == "sft")  # MiniCPM's DPO trains every group at optim.lr
 
 
 def test_published_shapes():
