@@ -328,15 +328,16 @@ def validate_data(cfg: Config) -> None:
     if not 0.0 <= d.test_fraction < 0.5:
         raise ConfigError(f"data.test_fraction: must be in [0, 0.5), got {d.test_fraction}")
     _positive("data.max_corpus_mb", d.max_corpus_mb)
-    validate_chat_data(cfg)
 
 
-def validate_chat_data(cfg: Config) -> None:
-    """The chat and packing fields fit the source and the objective."""
+def validate_chat_data(cfg: Config, check_files: bool = True) -> None:
+    """The chat and packing fields fit the source and the objective (checked also when planning for
+    another machine: a kind the data cannot feed is wrong anywhere)."""
     d, kind = cfg.data, cfg.objective.kind
     if d.chat_template not in BUILTIN_CHAT_TEMPLATES:
         _check_path_text("data.chat_template", d.chat_template, nullable=False)
-        _missing("data.chat_template", d.chat_template, need_file=True)
+        if check_files:
+            _missing("data.chat_template", d.chat_template, need_file=True)
     if kind == "dpo" and d.source != "preference":
         raise ConfigError(f"data.source: objective.kind dpo trains on preference pairs (data.source preference), "
                           f"got {d.source!r}")
@@ -431,6 +432,7 @@ def validate(cfg: Config, world_size: int = 1, check_data: bool = True,
     validate_optim(cfg)
     validate_schedule(cfg)
     validate_objective(cfg)
+    validate_chat_data(cfg, check_files=check_data)
     if check_data:
         validate_data(cfg)
     validate_checkpoint(cfg)

@@ -5,7 +5,8 @@ and two moments (12 bytes per parameter, divided by dp under ZeRO-1), the activa
 backward of the schedule's in-flight micro-batches, and the loss head: the workspace of the path
 the model trains through (megacpm.kernels.fused_linear_cross_entropy_workspace_bytes: one chunk of
 logits, the fp32 weight-gradient accumulator, the hidden gradient), whatever the tensor-parallel
-size. Not counted: allocator fragmentation, the CUDA context, communication buffers. It is an
+size. DPO counts a pair's two rows per sample, and ``objective.reference: live`` its frozen copy of
+the weights. Not counted: allocator fragmentation, the CUDA context, communication buffers. It is an
 estimate to choose a layout with, not a promise.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from megacpm.config import Config
 from megacpm.kernels import fused_linear_cross_entropy_workspace_bytes
+from megacpm.objectives import build_objective
 from megacpm.parallel.layout import ParallelLayout
 
 GRAD_BYTES = 4  # the fp32 gradient buffer
@@ -55,6 +57,11 @@ def peak_in_flight_chunks(pp: int, vpp: int, micro_batches: int) -> int:
     return peak
 
 
+def rows_per_micro_batch(cfg: Config) -> int:
+    """Sequences in one micro-batch: train.micro_batch_size samples of the objective's rows each."""
+    return cfg.train.micro_batch_size * build_objective(cfg.objective).rows_per_sample
+
+
 def loss_head_bytes(cfg: Config, device_type: str) -> int:
     """The LM head's workspace on one rank for one micro-batch: its share of the vocabulary
     (ceil(vocab / tp) rows, padding included) over micro_batch_size * seq_len tokens (the whole
@@ -63,7 +70,7 @@ def loss_head_bytes(cfg: Config, device_type: str) -> int:
     dtype = torch.bfloat16 if t.uses_bf16(device_type) else torch.float32
     local_vocab = -(-m.vocab_size // tp)
     return fused_linear_cross_entropy_workspace_bytes(
-        t.micro_batch_size * t.seq_len, m.hidden_size, local_vocab, compute_dtype=dtype, hidden_dtype=dtype,
+        rows_per_micro_batch(cfg) * t.seq_len, m.hidden_size, local_vocab, compute_dtype=dtype, hidden_dtype=dtype,
         weight_dtype=dtype, triton_path=device_type == "cuda")
 
 
@@ -74,7 +81,7 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
     dp = max(1, ParallelLayout.from_config(p, world_size).dp)
     params_per_rank = num_params // (p.tp * p.pp)
     act_bytes = 2 if t.uses_bf16(device_type) else 4
-    tokens = t.micro_batch_size * t.seq_len
+    tokens = rows_per_micro_batch(cfg) * t.seq_len
     micro_batches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
     layers_per_chunk = m.num_hidden_layers // (p.pp * p.vpp)
     per_layer = activation_bytes_per_token_per_layer(cfg, act_bytes) * tokens
@@ -92,5 +99,7 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
         "activations": int(activations),
         "loss_head": loss_head_bytes(cfg, device_type),
     }
+    if cfg.objective.kind == "dpo" and cfg.objective.reference == "live":
+        estimate["reference"] = params_per_rank * act_bytes
     estimate["total"] = sum(estimate.values())
     return estimate

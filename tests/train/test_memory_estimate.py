@@ -73,3 +73,19 @@ def test_info_loss_head_matches_the_measured_peak(hidden, vocab, micro_batch, se
     assert estimate > 10 * count_parameters(cfg.model)["non_embedding"] * 4
     for peak in measured:
         assert peak == pytest.approx(estimate, rel=0.2), (peak, estimate)
+
+
+def test_a_dpo_pair_counts_two_rows_and_live_adds_the_frozen_weights():
+    from megacpm.train.memory import estimate_training_memory
+
+    def estimate(kind, micro_batch, reference="precompute"):
+        cfg = make_config(64, 512, micro_batch, 32, 1)
+        cfg.train.global_batch_size = 4
+        cfg.objective.kind, cfg.objective.reference = kind, reference
+        return estimate_training_memory(cfg, 10_000, device_type="cpu")
+
+    one_pair, two_rows = estimate("dpo", 1), estimate("lm", 2)
+    assert one_pair["activations"] == two_rows["activations"] and one_pair["loss_head"] == two_rows["loss_head"]
+    assert "reference" not in one_pair
+    live = estimate("dpo", 1, "live")
+    assert live["reference"] == live["weights"] and live["total"] == one_pair["total"] + live["weights"]
