@@ -38,7 +38,8 @@ class Console(Sink):
 
     def write(self, record: Record) -> None:
         if "eval_loss" in record:
-            self.message(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
+            self.message(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}"
+                         + _preference(record, "eval_"))
             return
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
@@ -50,7 +51,8 @@ class Console(Sink):
         eta = elapsed / done * (self._total - step) if done > 0 else float("nan")
         self.message(
             f"step {step}/{self._total} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-            f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_sec']:.0f} tok/s | ETA {_hms(eta)}"
+            f"grad_norm {record['grad_norm']:.3f}{_preference(record)} | {record['tokens_per_sec']:.0f} tok/s | "
+            f"ETA {_hms(eta)}"
         )
 
     def message(self, text: str) -> None:
@@ -63,6 +65,14 @@ class Console(Sink):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _preference(record: Record, prefix: str = "") -> str:
+    """DPO's accuracy and margin, when the record has them."""
+    if f"{prefix}rewards/accuracies" not in record:
+        return ""
+    return (f" | {prefix}accuracy {record[f'{prefix}rewards/accuracies']:.3f} | "
+            f"{prefix}margin {record[f'{prefix}rewards/margins']:.3f}")
 
 
 def _hms(seconds: float) -> str:
