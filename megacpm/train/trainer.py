@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megacpm.checkpoint import (CheckpointError, PendingSave, TrainerState, latest_checkpoint, load_checkpoint,
                                 resolve_init_source, resolve_resume, save_checkpoint, save_checkpoint_async)
-from megacpm.io.atomic import write_text_atomic
+from megacpm.io.atomic import remove_stale_tmp, write_text_atomic
 from megacpm.io.run_lock import RunLock
 from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, REFERENCE_FILE, TENSORBOARD_DIR
 from megacpm.config import Config, dump_yaml
@@ -89,6 +89,7 @@ class Trainer:
         self.state = TrainerState()
         self.pending: Optional[PendingSave] = None  # a checkpoint being written in the background
         self.reference = None  # DPO: what attaches the reference model's scores to each batch
+        self._saved_reference: Optional[Dict] = None  # DPO precompute: a usable table found by _open_run
         self.lock = RunLock(self.run_dir)  # held by rank 0 for the run's life (the job's lock)
 
     def _build_data(self) -> DataBundle:
@@ -166,11 +167,13 @@ class Trainer:
         if resume.warning:
             self._warn(resume.warning)
         self._resume(resume.path)  # collective; raises CheckpointError for a checkpoint this config cannot take
+        self._saved_reference = self._check_saved_reference()  # raises for a table this run cannot use
 
         def create() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()  # a new run: two trainers racing to create it, one wins here
             self.lock.announce()
+            remove_stale_tmp(self.run_dir)  # a write a crash interrupted (the lock is ours: nobody else writes)
             write_text_atomic(self.run_dir / CONFIG_FILE, dump_yaml(self.cfg))
 
         ctx.run_on_rank0(create)
@@ -194,42 +197,62 @@ class Trainer:
         init_from = self.cfg.train.init_from
         return self.ctx.run_on_rank0(lambda: resolve_init_source(init_from)) if init_from else None
 
+    def _reference_identity(self) -> Dict:
+        """What the precomputed table must have been made from: this run's data, model and initial
+        weights (train.init_from's file fingerprint, or the seed)."""
+        from megacpm.checkpoint import init_fingerprint  # loaded when used
+
+        source = self._init_source()
+        init = (self.ctx.run_on_rank0(lambda: init_fingerprint(source)) if source is not None
+                else f"seed {self.cfg.train.seed}")
+        return json.loads(json.dumps(reference_identity(self.cfg, self.data.signature, init), sort_keys=True))
+
+    def _check_saved_reference(self) -> Optional[Dict]:
+        """DPO precompute: the run directory's table when it matches this run (its tables), None when
+        it must be scored (none yet, or made for other data); a resumed run whose initial weights
+        changed since is refused here, before anything is written."""
+        cfg = self.cfg
+        if cfg.objective.kind != "dpo" or cfg.objective.reference != "precompute":
+            return None
+        path = self.run_dir / REFERENCE_FILE
+        identity = self._reference_identity()
+        saved = self.ctx.run_on_rank0(lambda: load_reference_table(path))
+        if saved is None:
+            if self.state.step > 0:
+                self._warn(f"{path}: missing; scoring the reference again from the initial weights")
+            return None
+        tables, stored = saved
+        if stored == identity:
+            return tables
+        if stored.get("init") != identity["init"] and self.state.step > 0:
+            raise CheckpointError(
+                f"{path}: the reference scores were computed from other initial weights than train.init_from "
+                f"{cfg.train.init_from or '(none: the seeded initialisation)'} now holds; restore those "
+                f"weights, or delete {path.name} to score with the current ones")
+        self._message(f"{path.name}: made for another data or model config; scoring again")
+        return None
+
     def _prepare_reference(self):
-        """DPO's reference scores: a frozen model (live), or the table of every pair's scores
-        (precompute), loaded from the run directory when it matches this run's data and initial
-        weights, else scored now with the initial weights and written there atomically."""
+        """DPO's reference scores (after _open_run): a frozen model (live), or the table of every
+        pair's scores (precompute): the run directory's when _open_run found it usable, else
+        scored now with the initial weights and written there atomically."""
         cfg, ctx = self.cfg, self.ctx
         if cfg.objective.kind != "dpo":
             return None
         micro_rows = cfg.train.micro_batch_size * self.module.objective.rows_per_sample
-        source = self._init_source()
         if cfg.objective.reference == "live":
-            return LiveReference(reference_model(cfg, ctx, self.param_dtype, source), ctx, micro_rows)
-        from megacpm.checkpoint import init_fingerprint  # loaded when used
-
-        path = self.run_dir / REFERENCE_FILE
-        init = ctx.run_on_rank0(lambda: init_fingerprint(source)) if source is not None else f"seed {cfg.train.seed}"
-        identity = json.loads(json.dumps(reference_identity(cfg, self.data.signature, init), sort_keys=True))
-        saved = ctx.run_on_rank0(lambda: load_reference_table(path))
-        if saved is not None:
-            tables, stored = saved
-            if stored == identity:
-                return PrecomputedReference(tables)
-            if stored.get("init") != init and self.state.step > 0:
-                raise CheckpointError(
-                    f"{path}: the reference scores were computed from other initial weights than train.init_from "
-                    f"{cfg.train.init_from or '(none: the seeded initialisation)'} now holds; restore those "
-                    f"weights, or delete {path.name} to score with the current ones")
-            self._message(f"{path.name}: made for another data or model config; scoring again")
-        elif self.state.step > 0:
-            self._warn(f"{path}: missing; scoring the reference again from the initial weights")
+            return LiveReference(reference_model(cfg, ctx, self.param_dtype, self._init_source()), ctx, micro_rows)
+        if self._saved_reference is not None:
+            return PrecomputedReference(self._saved_reference)
         # A fresh run's policy still holds the initial weights: it scores, and no copy is built.
-        model = self.module.model if self.state.step == 0 else reference_model(cfg, ctx, self.param_dtype, source)
+        model = (self.module.model if self.state.step == 0
+                 else reference_model(cfg, ctx, self.param_dtype, self._init_source()))
         self._message(f"reference (objective.reference precompute): scoring {self.data.train.num_samples} train and "
                       f"{self.data.valid.num_samples} validation pairs with the initial weights")
         tables = {split: score_split(model, ctx, dataset, micro_rows, cfg.train.global_batch_size)
                   for split, dataset in (("train", self.data.train), ("valid", self.data.valid))}
-        ctx.run_on_rank0(lambda: save_reference_table(path, tables, identity))
+        identity = self._reference_identity()
+        ctx.run_on_rank0(lambda: save_reference_table(self.run_dir / REFERENCE_FILE, tables, identity))
         return PrecomputedReference(tables)
 
     def _save(self, background: bool = False) -> Path:

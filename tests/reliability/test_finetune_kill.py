@@ -209,8 +209,4 @@ def test_changed_init_from_weights_on_resume_is_one_clear_error(tmp_path, chat_d
     assert (run_dir / REFERENCE_FILE).read_bytes() == table
     assert latest_step(run_dir) == 2 and max(r["step"] for r in records(run_dir)) == 2
     assert (run_dir / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
-    if (run_dir / "config.yaml").read_bytes() != before["config.yaml"]:
-        # megacpm.train.trainer promises that a rejected start leaves the run directory byte-identical,
-        # but the table is checked (Trainer._prepare_reference) after _open_run wrote config.yaml.
-        pytest.xfail("engine: the refused resume rewrote config.yaml (train.steps 2 -> 4): the reference table "
-                     "is checked after Trainer._open_run writes the run directory")
+    assert (run_dir / "config.yaml").read_bytes() == before["config.yaml"]  # a rejected start writes nothing
