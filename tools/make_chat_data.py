@@ -2,7 +2,7 @@
 """Build the SFT and DPO demo data from the embedded corpus: the Python standard library's sources.
 
   python tools/make_chat_data.py [--out data/chat-demo] [--max-corpus-mb 8] [--max-chars 600] \\
-      [--max-samples N] [--seed 0] [--source-dir DIR]
+      [--max-samples N] [--max-pairs 1200] [--seed 0] [--source-dir DIR]
 
 Nothing is downloaded: the standard library exists on every machine (the files of
 megacpm.data.embedded.select_files, the pretraining corpus of ``megacpm train tiny``), and every
@@ -33,6 +33,10 @@ by file path, then line. The same arguments give byte-identical files.
 
 --source-dir DIR reads every ``*.py`` file under DIR instead of the standard library (--max-corpus-mb
 then does not apply): for tests, or a chat set from any code base.
+
+--max-pairs N keeps a seeded subset of N preference pairs (default 1200): DPO's reference
+precompute scores every pair once before the first step, and the tiny demo trains on 800 (100 steps
+of 8), so scoring all 3,000-odd would take longer than the training on 2 cores.
 
 Each file is written atomically (a temporary name in OUT, then a rename). One summary line per file
 is printed: its path, its number of samples, and the skip counts.
@@ -99,6 +103,7 @@ class Extraction:
     files: int = 0
     unparsable_files: int = 0
     no_rejected: int = 0  # samples with no other body to pair with (preference.jsonl only)
+    over_max_pairs: int = 0  # pairs left out of --max-pairs' subset
 
 
 # --- extraction ------------------------------------------------------------------------------------
@@ -281,6 +286,10 @@ def build(args: argparse.Namespace) -> Tuple[List[Dict[str, str]], List[Dict[str
             result.no_rejected += 1
             continue
         preference.append({"prompt": sample.prompt, "chosen": sample.response, "rejected": samples[other].response})
+    if args.max_pairs is not None and len(preference) > args.max_pairs:
+        kept = sorted(random.Random(args.seed + 1).sample(range(len(preference)), args.max_pairs))
+        result.over_max_pairs = len(preference) - args.max_pairs
+        preference = [preference[i] for i in kept]
     return sft, preference, result
 
 
@@ -289,7 +298,8 @@ def summary(out: Path, sft: List, preference: List, result: Extraction) -> Tuple
     sft_line = (f"{out / SFT_FILE}: {len(sft)} samples from {result.files} files "
                 f"(skipped functions: {skipped}; {result.unparsable_files} unparsable files)")
     preference_line = (f"{out / PREFERENCE_FILE}: {len(preference)} samples "
-                       f"(skipped: {result.no_rejected} without another body that fits)")
+                       f"(skipped: {result.no_rejected} without another body that fits, "
+                       f"{result.over_max_pairs} over --max-pairs)")
     return sft_line, preference_line
 
 
@@ -316,7 +326,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="skip functions whose prompt + response is longer (default: 600)")
     parser.add_argument("--max-samples", type=int, default=None, metavar="N",
                         help="keep a seeded subset of N samples (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="the rejected bodies and the subset (default: 0)")
+    parser.add_argument("--max-pairs", type=int, default=1200, metavar="N",
+                        help="keep a seeded subset of N preference pairs (default: 1200; 0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the rejected bodies and the subsets (default: 0)")
     parser.add_argument("--source-dir", type=Path, default=None, metavar="DIR",
                         help="read every *.py under DIR instead of the standard library")
     return parser.parse_args(argv)
@@ -329,6 +341,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-corpus-mb: must be a positive number, got {args.max_corpus_mb}")
     if args.max_samples is not None and args.max_samples < 1:
         raise UsageError(f"--max-samples: must be >= 1, got {args.max_samples}")
+    if args.max_pairs < 0:
+        raise UsageError(f"--max-pairs: must be >= 0, got {args.max_pairs}")
+    if args.max_pairs == 0:
+        args.max_pairs = None
     if args.source_dir is not None and not args.source_dir.is_dir():
         state = "is not a directory" if args.source_dir.exists() else "does not exist"
         raise UsageError(f"--source-dir: {args.source_dir} {state}")

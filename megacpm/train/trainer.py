@@ -311,7 +311,13 @@ class Trainer:
             f"on {self.device.type}")
         return (f"training {self.run_dir} from step {self.state.step + 1} to {t.steps} on {where} "
                 f"({'bf16 with fp32 master weights' if self.param_dtype == torch.bfloat16 else 'fp32'}; "
-                f"{t.global_batch_size} x {t.seq_len} tokens/step{'; compiled blocks' if t.compile else ''})")
+                f"{self._batch_shape()} tokens/step{'; compiled blocks' if t.compile else ''})")
+
+    def _batch_shape(self) -> str:
+        t, rows = self.cfg.train, self.module.objective.rows_per_sample
+        if rows == 1:
+            return f"{t.global_batch_size} x {t.seq_len}"
+        return f"{t.global_batch_size} pairs x {rows} x {t.seq_len}"
 
     def run(self) -> RunResult:
         try:

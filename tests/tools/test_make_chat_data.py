@@ -198,7 +198,7 @@ def test_prompt_plus_response_is_the_function_again(default_run):
 def test_summary_counts_each_skip_reason(default_run):
     _, lines, out = default_run
     assert lines == [f"{out / 'sft.jsonl'}: 9 samples from 5 files (skipped functions: {SKIPPED})",
-                     f"{out / 'preference.jsonl'}: 9 samples (skipped: 0 without another body that fits)"]
+                     f"{out / 'preference.jsonl'}: 9 samples (skipped: 0 without another body that fits, 0 over --max-pairs)"]
 
 
 def test_preference_pairs_a_prompt_with_another_functions_body(default_run):
@@ -258,6 +258,17 @@ def test_max_samples_keeps_a_seeded_subset_in_order(tool, capsys, source, tmp_pa
         assert pair["rejected"] in bodies and pair["rejected"] != pair["chosen"]
 
 
+def test_max_pairs_keeps_a_seeded_subset_of_the_pairs_in_order(tool, capsys, source, tmp_path):
+    status, lines, _ = run(tool, capsys, source, tmp_path / "all", "--max-pairs", 0)
+    every = read_jsonl(tmp_path / "all" / "preference.jsonl")
+    status, lines, _ = run(tool, capsys, source, tmp_path / "few", "--max-pairs", 4)
+    assert status == 0 and lines[1].endswith(f"4 samples (skipped: 0 without another body that fits, "
+                                             f"{len(every) - 4} over --max-pairs)")
+    kept = read_jsonl(tmp_path / "few" / "preference.jsonl")
+    assert len(kept) == 4 and sorted(kept, key=every.index) == kept and all(pair in every for pair in kept)
+    assert len(read_jsonl(tmp_path / "few" / "sft.jsonl")) == len(every)  # SFT keeps every sample
+
+
 def test_a_sample_without_another_body_gets_no_pair(tool, capsys, tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "one.py").write_text(textwrap.dedent('''\
@@ -274,7 +285,7 @@ def test_a_sample_without_another_body_gets_no_pair(tool, capsys, tmp_path):
     assert status == 0
     assert len(read_jsonl(tmp_path / "out" / "sft.jsonl")) == 2
     assert (tmp_path / "out" / "preference.jsonl").read_text(encoding="utf-8") == ""
-    assert lines[1].endswith(": 0 samples (skipped: 2 without another body that fits)")
+    assert lines[1].endswith(": 0 samples (skipped: 2 without another body that fits, 0 over --max-pairs)")
 
 
 BAD_ARGUMENTS = {  # name: (arguments, expected in the error line)
