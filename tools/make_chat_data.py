@@ -2,7 +2,7 @@
 """Build the SFT and DPO demo data from the embedded corpus: the Python standard library's sources.
 
   python tools/make_chat_data.py [--out data/chat-demo] [--max-corpus-mb 8] [--max-chars 600] \\
-      [--max-samples N] [--max-pairs 1200] [--seed 0] [--source-dir DIR]
+      [--max-samples N] [--max-pairs 2000] [--seed 0] [--source-dir DIR]
 
 Nothing is downloaded: the standard library exists on every machine (the files of
 megacpm.data.embedded.select_files, the pretraining corpus of ``megacpm train tiny``), and every
@@ -34,9 +34,9 @@ by file path, then line. The same arguments give byte-identical files.
 --source-dir DIR reads every ``*.py`` file under DIR instead of the standard library (--max-corpus-mb
 then does not apply): for tests, or a chat set from any code base.
 
---max-pairs N keeps a seeded subset of N preference pairs (default 1200): DPO's reference
-precompute scores every pair once before the first step, and the tiny demo trains on 800 (100 steps
-of 8), so scoring all 3,000-odd would take longer than the training on 2 cores.
+--max-pairs N keeps a seeded subset of N preference pairs (default 2000): DPO's reference
+precompute scores every pair once before the first step, and the tiny demo trains on 1,200 (150
+steps of 8): scoring all 3,000-odd would take longer than the training on 2 cores.
 
 Each file is written atomically (a temporary name in OUT, then a rename). One summary line per file
 is printed: its path, its number of samples, and the skip counts.
@@ -326,8 +326,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="skip functions whose prompt + response is longer (default: 600)")
     parser.add_argument("--max-samples", type=int, default=None, metavar="N",
                         help="keep a seeded subset of N samples (default: all)")
-    parser.add_argument("--max-pairs", type=int, default=1200, metavar="N",
-                        help="keep a seeded subset of N preference pairs (default: 1200; 0: all)")
+    parser.add_argument("--max-pairs", type=int, default=2000, metavar="N",
+                        help="keep a seeded subset of N preference pairs (default: 2000; 0: all)")
     parser.add_argument("--seed", type=int, default=0, help="the rejected bodies and the subsets (default: 0)")
     parser.add_argument("--source-dir", type=Path, default=None, metavar="DIR",
                         help="read every *.py under DIR instead of the standard library")
