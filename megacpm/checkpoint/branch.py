@@ -27,8 +27,8 @@ import yaml
 from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
 from megacpm.io.errors import decode_cause, os_error_cause
-from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, TRAINER_STATE_FILE,
-                                checkpoint_step, checkpoints_dir, read_metrics)
+from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, REFERENCE_FILE,
+                                TRAINER_STATE_FILE, checkpoint_step, checkpoints_dir, read_metrics)
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -44,20 +44,24 @@ def resolve_checkpoint(source: str | Path) -> Path:
     raise CheckpointError(f"{path}: neither a run directory ({CONFIG_FILE}) nor a checkpoint ({TRAINER_STATE_FILE})")
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (run files are replaced by renames, never rewritten in place, so sharing the inode
+    is safe); a copy when the filesystems differ."""
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        shutil.copy2(src, dst)
+
+
 def _link_or_copy_tree(source: Path, target: Path) -> None:
-    """Hard-link every file of ``source`` under ``target`` (checkpoint files are never rewritten in
-    place, so sharing inodes is safe); copy when the filesystems differ."""
+    """Every file of ``source`` under ``target``, linked or copied."""
     for dirpath, _dirnames, filenames in os.walk(source):
         relative = Path(dirpath).relative_to(source)
         (target / relative).mkdir(parents=True, exist_ok=True)
         for name in filenames:
-            src, dst = Path(dirpath) / name, target / relative / name
-            try:
-                os.link(src, dst)
-            except OSError as exc:
-                if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                shutil.copy2(src, dst)
+            _link_or_copy(Path(dirpath) / name, target / relative / name)
 
 
 # Model fields a branch may change although they are in SHAPE_FIELDS: none yet. A branch continues
@@ -117,6 +121,10 @@ def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: 
                    "step": int(meta["step"]), "tokens": int(meta["tokens"]),
                    "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
+        if (parent_run / REFERENCE_FILE).is_file():
+            # DPO's precomputed reference scores: derived data the branch's trainer checks against its
+            # own data and initial weights (and rescores when they differ), so sharing is safe.
+            _link_or_copy(parent_run / REFERENCE_FILE, tmp / REFERENCE_FILE)
     return new_run
 
 

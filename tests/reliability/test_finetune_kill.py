@@ -210,3 +210,15 @@ def test_changed_init_from_weights_on_resume_is_one_clear_error(tmp_path, chat_d
     assert latest_step(run_dir) == 2 and max(r["step"] for r in records(run_dir)) == 2
     assert (run_dir / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
     assert (run_dir / "config.yaml").read_bytes() == before["config.yaml"]  # a rejected start writes nothing
+
+
+def test_a_branch_takes_the_parent_table_and_does_not_score_again(tmp_path, chat_data, reference):
+    branch = tmp_path / "branch"
+    result = run_cli("branch", reference / "checkpoints" / "step_8", branch)
+    assert result.returncode == 0, result.stderr
+    assert (branch / REFERENCE_FILE).read_bytes() == (reference / REFERENCE_FILE).read_bytes()
+    out = train(chat_data, branch).stdout
+    assert SCORING not in out, out
+    want = {key: value for key, value in metrics(reference).items() if key[0] > 8}
+    got = {key: value for key, value in metrics(branch).items() if key[0] > 8}
+    assert got == want  # the branch continues the parent's run exactly
