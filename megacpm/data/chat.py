@@ -51,6 +51,7 @@ from megacpm.io import atomic
 SAMPLE_INDEX = "sample_index"  # Batch.extras key: int64 [rows], the stream unit each row belongs to
 CHAT_CACHE_VERSION = "1"
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}  # seeds each split's own stream
+PACKING_STREAM = 1 << 20  # the packing order's seed word: apart from every epoch's (0, 1, 2, ...)
 PROBLEMS = ("malformed JSON", "not a chat sample", "unknown role", "empty completion", "too long")
 LISTED_LINES = 8  # line numbers named per problem in a warning
 
@@ -316,7 +317,7 @@ class ChatDataset:
         if packing:
             assert sequences.rows_per_sample == 1, "packing is for SFT samples"
             inputs = np.diff(sequences.offsets)[self.sample_ids] - 1
-            order = np.random.Generator(np.random.PCG64([seed, SPLIT_CODES[split], 1 << 20])).permutation(
+            order = np.random.Generator(np.random.PCG64([seed, SPLIT_CODES[split], PACKING_STREAM])).permutation(
                 len(self.sample_ids))
             self.units = [self.sample_ids[row] for row in pack_next_fit(inputs, order, seq_len)]
         else:
