@@ -142,6 +142,9 @@ def data_paths(path) -> list:
     return list(path) if isinstance(path, list) else [path]
 
 
+DEMO_CHAT_DIR = "chat-demo"  # tools/make_chat_data.py's default output: data/chat-demo/
+
+
 def _missing(key: str, path: str, need_file: bool = False) -> None:
     """ConfigError when ``path`` does not exist (or, with ``need_file``, is not a regular file)."""
     if need_file and os.path.isfile(path):
@@ -315,7 +318,13 @@ def validate_data(cfg: Config) -> None:
             raise ConfigError(f"data.path: one path for data.source '{d.source}' (a list is for chat jsonl files)")
         if d.source in CHAT_SOURCES:
             for path in data_paths(d.path):
-                _missing("data.path", path)
+                try:
+                    _missing("data.path", path)
+                except ConfigError as exc:
+                    if Path(path).parent.name != DEMO_CHAT_DIR:
+                        raise
+                    raise ConfigError(f"{exc} (the demo's chat data: run python tools/make_chat_data.py)",
+                                      key="data.path") from None
         elif d.source == "megatron":
             for path in (f"{d.path}.idx", f"{d.path}.bin"):
                 _missing("data.path", path, need_file=True)

@@ -60,3 +60,10 @@ def test_preference_lines_without_a_completion(tmp_path, tok_path, capsys):
     line = one_error_line(capsys)
     assert f"{path}: no usable preference sample in 2 lines (2 empty completion (lines 1, 2))" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_the_missing_demo_data_names_the_tool_that_writes_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a fresh checkout: no data/chat-demo/ yet
+    assert main(["sft", "tiny-sft"]) == 2
+    line = one_error_line(capsys)
+    assert "data/chat-demo/sft.jsonl does not exist" in line and "python tools/make_chat_data.py" in line
