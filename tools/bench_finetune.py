@@ -194,7 +194,7 @@ def run_variant(cfg, name: str, windows, device, dtype, memory: PeakMemory, warm
 
     memory.start()
     module = TrainModule(vcfg, ctx, generator=torch.Generator().manual_seed(t.seed), param_dtype=dtype)
-    micro_rows = t.micro_batch_size * module.objective.rows_per_sample
+    micro_rows = module.micro_batch_rows
     result = {"objective": kind, "rows": batches[0].num_rows, "micro_rows": micro_rows,
               "tokens_per_step": batches[0].num_rows * batches[0].seq_len,
               "loss_tokens_per_step": batches[0].num_loss_tokens(),

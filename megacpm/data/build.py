@@ -15,7 +15,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-import sys
 from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
@@ -28,6 +27,7 @@ from megacpm.data.cache import cache_key, resolve_cache_dir
 from megacpm.data.corpus import Corpus, text_corpus
 from megacpm.data.embedded import embedded_corpus
 from megacpm.data.errors import DataError
+from megacpm.io.errors import print_warning
 from megacpm.data.blending import BlendedDataset
 from megacpm.data.gpt_dataset import GPTSampleDataset, get_batch
 from megacpm.data.splits import VALIDATION_SPLIT_SEED, held_out_doc_ids, validation_doc_ids  # noqa: F401 (re-exported)
@@ -169,10 +169,6 @@ def megatron_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed:
                       valid_docs=sum(d.num_docs for d in valid))
 
 
-def _print_warning(text: str) -> None:
-    print(f"megacpm: warning: {text}", file=sys.stderr, flush=True)
-
-
 def _tokenizer_for(data_cfg: DataConfig, corpus: Corpus, vocab_size: int, cache_dir: Path,
                    read_documents: Callable[[], List[str]]) -> LoadedTokenizer:
     if data_cfg.tokenizer:
@@ -181,7 +177,7 @@ def _tokenizer_for(data_cfg: DataConfig, corpus: Corpus, vocab_size: int, cache_
 
 
 def build_datasets(data_cfg: DataConfig, vocab_size: int, seq_len: int, seed: int,
-                   warn: Callable[[str], None] = _print_warning) -> Union[DataBundle, ChatDataBundle]:
+                   warn: Callable[[str], None] = print_warning) -> Union[DataBundle, ChatDataBundle]:
     """The train and validation sample streams of data_cfg for a model with vocab_size tokens.
     ``warn`` receives one line per data problem that does not stop the run (skipped chat lines)."""
     if data_cfg.source in CHAT_SOURCES:

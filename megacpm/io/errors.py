@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Union
 
@@ -35,6 +36,11 @@ _CAUSES = {
 
 class EntryPointError(RuntimeError):
     """A failure already phrased as one line for the user (path and cause)."""
+
+
+def print_warning(text: str) -> None:
+    """One ``megacpm: warning: TEXT`` line on stderr: a problem that does not stop the run."""
+    print(f"megacpm: warning: {text}", file=sys.stderr, flush=True)
 
 
 def os_error_cause(exc: OSError) -> str:

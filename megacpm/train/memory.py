@@ -17,7 +17,7 @@ import torch
 
 from megacpm.config import Config
 from megacpm.kernels import fused_linear_cross_entropy_workspace_bytes
-from megacpm.objectives import build_objective
+from megacpm.objectives import OBJECTIVES
 from megacpm.parallel.layout import ParallelLayout
 
 GRAD_BYTES = 4  # the fp32 gradient buffer
@@ -59,7 +59,7 @@ def peak_in_flight_chunks(pp: int, vpp: int, micro_batches: int) -> int:
 
 def rows_per_micro_batch(cfg: Config) -> int:
     """Sequences in one micro-batch: train.micro_batch_size samples of the objective's rows each."""
-    return cfg.train.micro_batch_size * build_objective(cfg.objective).rows_per_sample
+    return cfg.train.micro_batch_size * OBJECTIVES[cfg.objective.kind].rows_per_sample
 
 
 def loss_head_bytes(cfg: Config, device_type: str) -> int:

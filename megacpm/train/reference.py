@@ -135,7 +135,5 @@ def load_reference_table(path: Path) -> Optional[Tuple[Dict[str, np.ndarray], Di
         with np.load(path, allow_pickle=False) as saved:
             identity = json.loads(saved["identity"].tobytes().decode("utf-8"))
             return {name: saved[name] for name in saved.files if name != "identity"}, identity
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # missing, truncated, not ours
         return None

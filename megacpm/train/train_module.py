@@ -71,11 +71,15 @@ class TrainModule:
         return self.optimizer.step_count
 
     # -- batches ---------------------------------------------------------------------------------
+    @property
+    def micro_batch_rows(self) -> int:
+        """Rows of a micro-batch: train.micro_batch_size samples, a sample's rows kept together."""
+        return self.cfg.train.micro_batch_size * self.objective.rows_per_sample
+
     def _micro_batches(self, batch: Batch):
         layout = self.ctx.layout
         local = shard_batch(batch, self.ctx.dp_rank, layout.dp, self.ctx.coord("cp"), layout.cp)
-        rows = self.cfg.train.micro_batch_size * self.objective.rows_per_sample  # a sample's rows stay together
-        return [micro.to(self.ctx.device).contiguous() for micro in local.split_rows(rows)]
+        return [micro.to(self.ctx.device).contiguous() for micro in local.split_rows(self.micro_batch_rows)]
 
     def _accumulator(self):
         """(statistics summed over this rank's micro-batches, the loss_fn for the model runner
@@ -147,7 +151,7 @@ class TrainModule:
         forward-only pipeline. A batch that does not fill dp * micro_batch_size rows evenly is padded
         with rows whose labels are all ignored, so the result does not depend on the layout.
         """
-        per_round = self.ctx.layout.dp * self.cfg.train.micro_batch_size * self.objective.rows_per_sample
+        per_round = self.ctx.layout.dp * self.micro_batch_rows
         batch = batch.pad_rows(-(-batch.num_rows // per_round) * per_round)
         normaliser = self.objective.normaliser(batch)
         micro_batches = self._micro_batches(batch)

@@ -18,10 +18,10 @@ config.yaml. A rejected start leaves the run directory byte-identical.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megacpm.checkpoint import (CheckpointError, PendingSave, TrainerState, latest_checkpoint, load_checkpoint,
                                 resolve_init_source, resolve_resume, save_checkpoint, save_checkpoint_async)
 from megacpm.io.atomic import remove_stale_tmp, write_text_atomic
+from megacpm.io.errors import print_warning
 from megacpm.io.run_lock import RunLock
 from megacpm.io.run_dir import CONFIG_FILE, METRICS_FILE, PROFILE_DIR, REFERENCE_FILE, TENSORBOARD_DIR
 from megacpm.config import Config, dump_yaml
@@ -89,7 +90,8 @@ class Trainer:
         self.state = TrainerState()
         self.pending: Optional[PendingSave] = None  # a checkpoint being written in the background
         self.reference = None  # DPO: what attaches the reference model's scores to each batch
-        self._saved_reference: Optional[Dict] = None  # DPO precompute: a usable table found by _open_run
+        # DPO precompute, set by _open_run: (what the table must be made from, the usable saved table or None)
+        self._reference_table: Optional[Tuple[Dict, Optional[Dict]]] = None
         self.lock = RunLock(self.run_dir)  # held by rank 0 for the run's life (the job's lock)
 
     def _build_data(self) -> DataBundle:
@@ -167,7 +169,7 @@ class Trainer:
         if resume.warning:
             self._warn(resume.warning)
         self._resume(resume.path)  # collective; raises CheckpointError for a checkpoint this config cannot take
-        self._saved_reference = self._check_saved_reference()  # raises for a table this run cannot use
+        self._reference_table = self._check_saved_reference()  # raises for a table this run cannot use
 
         def create() -> None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +183,7 @@ class Trainer:
     def _resume(self, checkpoint: Optional[Path]) -> None:
         signature = data_signature(self.cfg.data)
         if checkpoint is None and self.cfg.train.init_from:  # a fresh run only: a resumed one ignores it
-            source = self._init_source()
+            source = self._init_source
             self.module.load_initial_weights(source)
             self._message(f"initial weights from {source.describe()} (optimizer and step fresh)")
         if checkpoint is not None:
@@ -193,7 +195,9 @@ class Trainer:
                               f"{self.state.step + 1} from its first sample")
         self.state.data_signature = signature
 
+    @functools.cached_property
     def _init_source(self):
+        """train.init_from resolved once (on rank 0, shared; every rank reaches it at the same point)."""
         init_from = self.cfg.train.init_from
         return self.ctx.run_on_rank0(lambda: resolve_init_source(init_from)) if init_from else None
 
@@ -202,15 +206,15 @@ class Trainer:
         weights (train.init_from's file fingerprint, or the seed)."""
         from megacpm.checkpoint import init_fingerprint  # loaded when used
 
-        source = self._init_source()
+        source = self._init_source
         init = (self.ctx.run_on_rank0(lambda: init_fingerprint(source)) if source is not None
                 else f"seed {self.cfg.train.seed}")
         return json.loads(json.dumps(reference_identity(self.cfg, self.data.signature, init), sort_keys=True))
 
-    def _check_saved_reference(self) -> Optional[Dict]:
-        """DPO precompute: the run directory's table when it matches this run (its tables), None when
-        it must be scored (none yet, or made for other data); a resumed run whose initial weights
-        changed since is refused here, before anything is written."""
+    def _check_saved_reference(self) -> Optional[Tuple[Dict, Optional[Dict]]]:
+        """DPO precompute: (this run's table identity, the run directory's tables when they match it,
+        else None: to be scored, none yet or made for other data); a resumed run whose initial weights
+        changed since is refused here, before anything is written. None for other runs."""
         cfg = self.cfg
         if cfg.objective.kind != "dpo" or cfg.objective.reference != "precompute":
             return None
@@ -220,17 +224,17 @@ class Trainer:
         if saved is None:
             if self.state.step > 0:
                 self._warn(f"{path}: missing; scoring the reference again from the initial weights")
-            return None
+            return identity, None
         tables, stored = saved
         if stored == identity:
-            return tables
+            return identity, tables
         if stored.get("init") != identity["init"] and self.state.step > 0:
             raise CheckpointError(
                 f"{path}: the reference scores were computed from other initial weights than train.init_from "
                 f"{cfg.train.init_from or '(none: the seeded initialisation)'} now holds; restore those "
                 f"weights, or delete {path.name} to score with the current ones")
         self._message(f"{path.name}: made for another data or model config; scoring again")
-        return None
+        return identity, None
 
     def _prepare_reference(self):
         """DPO's reference scores (after _open_run): a frozen model (live), or the table of every
@@ -239,19 +243,19 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if cfg.objective.kind != "dpo":
             return None
-        micro_rows = cfg.train.micro_batch_size * self.module.objective.rows_per_sample
+        micro_rows = self.module.micro_batch_rows
         if cfg.objective.reference == "live":
-            return LiveReference(reference_model(cfg, ctx, self.param_dtype, self._init_source()), ctx, micro_rows)
-        if self._saved_reference is not None:
-            return PrecomputedReference(self._saved_reference)
+            return LiveReference(reference_model(cfg, ctx, self.param_dtype, self._init_source), ctx, micro_rows)
+        identity, saved = self._reference_table
+        if saved is not None:
+            return PrecomputedReference(saved)
         # A fresh run's policy still holds the initial weights: it scores, and no copy is built.
         model = (self.module.model if self.state.step == 0
-                 else reference_model(cfg, ctx, self.param_dtype, self._init_source()))
+                 else reference_model(cfg, ctx, self.param_dtype, self._init_source))
         self._message(f"reference (objective.reference precompute): scoring {self.data.train.num_samples} train and "
                       f"{self.data.valid.num_samples} validation pairs with the initial weights")
         tables = {split: score_split(model, ctx, dataset, micro_rows, cfg.train.global_batch_size)
                   for split, dataset in (("train", self.data.train), ("valid", self.data.valid))}
-        identity = self._reference_identity()
         ctx.run_on_rank0(lambda: save_reference_table(self.run_dir / REFERENCE_FILE, tables, identity))
         return PrecomputedReference(tables)
 
@@ -274,7 +278,7 @@ class Trainer:
 
     def _warn(self, text: str) -> None:
         if self.is_rank0:
-            print(f"megacpm: warning: {text}", file=sys.stderr, flush=True)
+            print_warning(text)
 
     def add_callback(self, callback: Callback) -> None:
         """A callback of this trainer's runs, after the standard ones (see default_callbacks)."""
