@@ -10,3 +10,4 @@ from megacpm.kernels.fused_linear_cross_entropy import (  # noqa: E402,F401
     fused_linear_cross_entropy, fused_linear_cross_entropy_workspace_bytes,
     fused_linear_vocab_parallel_cross_entropy)
 from megacpm.kernels.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy  # noqa: E402,F401
+from megacpm.kernels.grouped_gemm import grouped_matmul  # noqa: E402,F401

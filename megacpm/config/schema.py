@@ -62,6 +62,24 @@ class ModelConfig:
     mup_embedding_as_matrix: bool = True
     # "auto": flash-attn on CUDA when installed, else torch's scaled_dot_product_attention.
     attention_impl: AttentionImpl = "auto"
+    # Mixture of experts (MiniCPM-MoE; megacpm.model.moe): 0 = the dense MLP. Each MoE layer has
+    # num_experts SwiGLU experts of intermediate_size and routes every token to num_experts_per_tok.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    # Switch load-balancing loss E * sum_i importance_i * load_i per layer (1 at balance), summed
+    # over layers; this coefficient times it is added to the objective's loss.
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: float = 0.0  # ST-MoE router z-loss, summed over layers
+    # None = dropless; c = each expert takes at most ceil(c * tokens * k / E) assignments of a
+    # micro-batch, in token order (the rest are dropped and counted).
+    moe_capacity_factor: Optional[float] = None
+    # DeepSeek-V3's auxiliary-loss-free balancing: after each step every expert's routing bias
+    # moves by this rate towards balance (sign of mean load minus its load); 0 = off.
+    moe_router_bias_update_rate: float = 0.0
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def head_dim(self) -> int:
@@ -91,7 +109,7 @@ class ParallelConfig:
     pp: int = 1
     vpp: int = 1
     cp: int = 1  # context parallel (the sequence split over ranks): 1 until long-context training lands
-    ep: int = 1  # expert parallel, inside dp: 1 until MoE lands
+    ep: int = 1  # expert parallel: experts split over blocks of ep data-parallel ranks (expert-DP = dp / ep)
     sp: bool = False
     zero1: bool = False
     # Seconds a collective may wait for a peer before the run fails with an error naming it (a

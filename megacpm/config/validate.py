@@ -186,6 +186,19 @@ def validate_model(cfg: Config) -> None:
                 "model.rope_scaling: expected null or {type: dynamic, factor: F >= 1}, "
                 f"got {m.rope_scaling!r}"
             )
+    validate_moe(m)
+
+
+def validate_moe(m) -> None:
+    _positive("model.num_experts", m.num_experts, allow_zero=True)
+    for key in ("moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_router_bias_update_rate"):
+        _positive(f"model.{key}", getattr(m, key), allow_zero=True)
+    if m.moe_capacity_factor is not None and m.moe_capacity_factor <= 0:
+        raise ConfigError(f"model.moe_capacity_factor: must be null (dropless) or positive, got "
+                          f"{m.moe_capacity_factor}")
+    if m.num_experts and not 1 <= m.num_experts_per_tok <= m.num_experts:
+        raise ConfigError(f"model.num_experts_per_tok: {m.num_experts_per_tok} must be in 1..model.num_experts "
+                          f"({m.num_experts})")
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
@@ -194,9 +207,12 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         _positive(f"parallel.{key}", getattr(p, key))
     if p.timeout_s > MAX_TIMEOUT_S:
         raise ConfigError(f"parallel.timeout_s: must be at most {MAX_TIMEOUT_S:g} seconds, got {p.timeout_s:g}")
-    for key, what in (("cp", "context parallelism"), ("ep", "expert parallelism")):
-        if getattr(p, key) != 1:
-            raise ConfigError(f"parallel.{key}: {what} is not available yet (the axis exists with size 1)")
+    if p.cp != 1:
+        raise ConfigError("parallel.cp: context parallelism is not available yet (the axis exists with size 1)")
+    if p.ep > 1 and not m.num_experts:
+        raise ConfigError(f"parallel.ep: expert parallelism ({p.ep}) needs an MoE model (model.num_experts > 0)")
+    if m.num_experts % p.ep:
+        raise ConfigError(f"parallel.ep: {p.ep} does not divide model.num_experts {m.num_experts}")
     if m.num_attention_heads % p.tp:
         raise ConfigError(
             f"parallel.tp: {p.tp} does not divide model.num_attention_heads {m.num_attention_heads}"

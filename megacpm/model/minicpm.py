@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from megacpm import kernels
 from megacpm.config import ModelConfig
 from megacpm.model.attention import causal_attention
+from megacpm.model.moe import MoEMLP
 from megacpm.model.mup import init_weights
 from megacpm.model.rotary import RotaryEmbedding, apply_rotary
 
@@ -116,27 +117,43 @@ class DecoderLayer(nn.Module):
 
     ``recompute`` (activation checkpointing): in training, keep only the block's input and recompute
     the rest in the backward. The block decides it itself, so a compiled block (train.compile)
-    traces the checkpoint too and the compiler chooses what to recompute, as TorchTitan does."""
+    traces the checkpoint too and the compiler chooses what to recompute, as TorchTitan does.
 
-    def __init__(self, cfg: ModelConfig, recompute: bool = False):
+    With ``model.num_experts`` > 0 the MLP is a mixture of experts (megacpm.model.moe.MoEMLP);
+    ``moe`` (a megacpm.model.moe_step.MicroBatchMoE, training only) attaches its auxiliary loss and
+    records its routing under this layer's global ``index``."""
+
+    def __init__(self, cfg: ModelConfig, recompute: bool = False, index: int = 0):
         super().__init__()
         self.residual_scale = cfg.residual_scale
         self.recompute = recompute
+        self.index = index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.is_moe = cfg.is_moe
+        if self.is_moe:
+            self.mlp = MoEMLP(cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                              cfg.moe_capacity_factor)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                document_ids: Optional[torch.Tensor] = None, moe=None) -> torch.Tensor:
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(self.block, h, cos, sin, document_ids, use_reentrant=False)
-        return self.block(h, cos, sin, document_ids)
+            return checkpoint(self.block, h, cos, sin, document_ids, moe, use_reentrant=False)
+        return self.block(h, cos, sin, document_ids, moe)
 
     def block(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+              document_ids: Optional[torch.Tensor] = None, moe=None) -> torch.Tensor:
         h = h + self.residual_scale * self.self_attn(self.input_layernorm(h), cos, sin, document_ids)
-        return h + self.residual_scale * self.mlp(self.post_attention_layernorm(h))
+        return h + self.residual_scale * self.feed_forward(self.post_attention_layernorm(h), moe)
+
+    def feed_forward(self, x: torch.Tensor, moe=None) -> torch.Tensor:
+        if not self.is_moe:
+            return self.mlp(x)
+        out, routing, keep = self.mlp(x)
+        return out if moe is None else moe.attach(self.index, out, routing, keep)
 
 
 class LayerStack(nn.Module):
@@ -198,7 +215,7 @@ class MiniCPM(nn.Module):
         self.sequence_shards = 1
         self.is_first = self.is_last = True
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = LayerStack({i: DecoderLayer(cfg, activation_checkpointing)
+        self.layers = LayerStack({i: DecoderLayer(cfg, activation_checkpointing, index=i)
                                   for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None
@@ -236,14 +253,15 @@ class MiniCPM(nn.Module):
 
     # -- the forward path ------------------------------------------------------------------------
     def hidden(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-               document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+               document_ids: Optional[torch.Tensor] = None, moe=None) -> torch.Tensor:
         """The chunk's output: token ids [batch, seq] in on the first chunk (hidden states from the
         previous chunk otherwise), hidden states out — final-normed on the last chunk, before muP's
         1/m logit scale.
 
         ``position_ids`` [batch, seq] (default 0 .. seq - 1 in every row) are the RoPE positions;
         ``document_ids`` [batch, seq] keep attention inside each document (packed samples). Both
-        cover whole sequences, also where the hidden states are sequence shards."""
+        cover whole sequences, also where the hidden states are sequence shards. ``moe`` (training
+        an MoE model): the micro-batch's megacpm.model.moe_step.MicroBatchMoE."""
         if self.is_first:
             h = self.embed_tokens(x) * self.cfg.embedding_scale
             seq_len = x.shape[1]
@@ -254,7 +272,7 @@ class MiniCPM(nn.Module):
         if position_ids is not None:  # per-token tables [batch, seq, head_dim]
             cos, sin = cos[position_ids], sin[position_ids]
         for layer in self.layers:
-            h = layer(h, cos, sin, document_ids)
+            h = layer(h, cos, sin, document_ids, moe)
         return self.norm(h) if self.is_last else h
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

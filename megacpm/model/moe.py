@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megacpm import kernels
+
 
 @dataclass
 class Routing:
@@ -80,15 +82,12 @@ def capacity_keep(experts: torch.Tensor, num_experts: int, capacity_factor: Opti
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
                    w2: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert over its rows: ``x`` [assignments, H] sorted by expert, ``counts`` [E]
-    rows per expert. The PyTorch path (one matmul pair per expert with rows)."""
-    out = x.new_empty(x.shape[0], w2.shape[1])
-    start = 0
-    for expert, count in enumerate(counts.tolist()):
-        if count:
-            rows = x[start:start + count]
-            out[start:start + count] = (F.silu(rows @ w1[expert].t()) * (rows @ w3[expert].t())) @ w2[expert].t()
-        start += count
-    return out
+    rows per expert (zeros allowed), ``w1``/``w3`` [E, I, H], ``w2`` [E, H, I]; returns [assignments, H].
+    Three grouped GEMMs (megacpm.kernels.grouped_matmul, impl "auto": one Triton launch each on CUDA
+    or under TRITON_INTERPRET=1, a loop of one matmul per expert with rows otherwise)."""
+    gate = kernels.grouped_matmul(x, w1, counts)
+    up = kernels.grouped_matmul(x, w3, counts)
+    return kernels.grouped_matmul(F.silu(gate) * up, w2, counts)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
