@@ -6,17 +6,25 @@ them with a ``model.`` prefix (``lm_head.weight`` without it; absent when the em
 The muP multipliers live in config.json (scale_emb, scale_depth, dim_model_base), so a MiniCPM
 directory holds the very tensors megacpm trains: conversion is renaming, bit-exact both ways.
 
+MiniCPM-MoE (config.json's ``num_experts`` > 0, with ``num_experts_per_tok``) stores each layer's
+router as ``model.layers.L.mlp.gate.weight`` [E, hidden], as megacpm does, and its experts one tensor
+each, ``model.layers.L.mlp.experts.e.{w1,w3,w2}.weight`` (gate [I, H], up [I, H], down [H, I]); megacpm
+stacks them, ``layers.L.mlp.{w1,w3,w2}`` [E, ...]. Reading stacks them, writing splits them again
+(``expert_names``, the one home of that mapping): still bit-exact both ways.
+
 The Llama format folds the multipliers into the weights for code that knows nothing of muP
 (transformers' LlamaForCausalLM): embedding x scale_emb; o_proj and down_proj x scale_depth/sqrt(L);
 an LM head / (hidden_size / dim_model_base), untied (the tied embedding cannot carry both factors).
+It has no experts: a mixture-of-experts model is refused.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from pathlib import Path
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -60,6 +68,9 @@ REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num
 INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "vocab_size", "max_position_embeddings", "dim_model_base")
 FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "attention_dropout", "scale_emb", "scale_depth", "initializer_range")
+# MiniCPM-MoE's config.json: num_experts (absent, null or 0: the dense model) experts per layer, each
+# token routed to num_experts_per_tok of them. Written only for an MoE model.
+MOE_FIELDS = ("num_experts", "num_experts_per_tok")
 
 
 def read_json_file(path: Path, what: str = "JSON") -> object:
@@ -108,13 +119,38 @@ def _check_field(path: Path, key: str, value) -> None:
         raise ConversionError(f"{path}: rope_scaling must be an object or null, got {_json_type(value)}")
 
 
+def _moe_fields(path: Path, hf: Dict) -> Dict[str, int]:
+    """num_experts and num_experts_per_tok of a MiniCPM-MoE config.json ({} for a dense one): integers,
+    num_experts >= 0 and, with experts, num_experts_per_tok in 1..num_experts (not defaulted: k is part
+    of the model's function)."""
+    experts = hf.get("num_experts")
+    if experts is None:
+        return {}
+    if isinstance(experts, bool) or not isinstance(experts, int):
+        raise ConversionError(f"{path}: num_experts must be an integer, got {_json_type(experts)} ({experts!r})")
+    if experts < 0:
+        raise ConversionError(f"{path}: num_experts must be >= 0 (0: no experts), got {experts}")
+    if experts == 0:
+        return {}  # a dense MiniCPM; whatever num_experts_per_tok says is unused
+    k = hf.get("num_experts_per_tok")
+    if k is None:
+        raise ConversionError(f"{path}: missing num_experts_per_tok (the experts each token is routed to; "
+                              f"needed with num_experts {experts})")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ConversionError(f"{path}: num_experts_per_tok must be an integer, got {_json_type(k)} ({k!r})")
+    if not 1 <= k <= experts:
+        raise ConversionError(f"{path}: num_experts_per_tok must be in 1..num_experts ({experts}), got {k}")
+    return {"num_experts": experts, "num_experts_per_tok": k}
+
+
 def model_config_from_hf(directory: Path) -> ModelConfig:
     """The ModelConfig of a Hugging Face MiniCPM directory's config.json.
 
     Refused, with one line naming the file and the field: a file that is not UTF-8 JSON or not an
     object; a model_type other than 'minicpm' or architectures without a MiniCPM class; a missing
     required field (the shape and the muP multipliers scale_emb, dim_model_base, scale_depth: without
-    them it is not MiniCPM's function); a field of the wrong type, non-finite or out of range.
+    them it is not MiniCPM's function); a field of the wrong type, non-finite or out of range
+    (num_experts_per_tok outside 1..num_experts included).
     """
     path = Path(directory) / CONFIG
     hf = read_json_file(path)
@@ -142,6 +178,7 @@ def model_config_from_hf(directory: Path) -> ModelConfig:
     fields = {k: hf[k] for k in SHARED_FIELDS if k in hf and hf[k] is not None}
     for key, value in fields.items():
         _check_field(path, key, value)
+    fields.update(_moe_fields(path, hf))
     fields.setdefault("num_key_value_heads", hf["num_attention_heads"])
     fields.setdefault("tie_word_embeddings", True)  # MiniCPMConfig's default
     try:
@@ -150,7 +187,16 @@ def model_config_from_hf(directory: Path) -> ModelConfig:
         raise ConversionError(f"{path}: {exc}") from None
 
 
+def refuse_llama_moe(cfg: ModelConfig, llama: bool, where: object) -> None:
+    """A Llama-format export of a mixture-of-experts model: a ConversionError naming ``where``."""
+    if llama and cfg.is_moe:
+        raise ConversionError(f"{where}: a mixture-of-experts model (model.num_experts {cfg.num_experts}) has no "
+                              "Llama format (LlamaForCausalLM has no experts); write the MiniCPM format instead "
+                              "(convert_checkpoint without --llama-format)")
+
+
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, llama: bool) -> Dict:
+    refuse_llama_moe(cfg, llama, CONFIG)
     common = {"hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "use_cache": True,
               "torch_dtype": str(dtype).replace("torch.", ""),
               **{k: getattr(cfg, k) for k in SHARED_FIELDS if k not in ("scale_emb", "scale_depth", "dim_model_base")}}
@@ -161,8 +207,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, llama: bool) -> Dict:
             common["rope_scaling"] = {"rope_type": cfg.rope_scaling.get("type", "dynamic"),
                                       "factor": cfg.rope_scaling["factor"]}
         return common
+    moe = {k: getattr(cfg, k) for k in MOE_FIELDS} if cfg.is_moe else {}  # a dense config.json as before
     return {**common, "architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm", "auto_map": MINICPM_AUTO_MAP,
-            "scale_emb": cfg.scale_emb, "scale_depth": cfg.scale_depth, "dim_model_base": cfg.dim_model_base}
+            "scale_emb": cfg.scale_emb, "scale_depth": cfg.scale_depth, "dim_model_base": cfg.dim_model_base, **moe}
 
 
 # -- weights ---------------------------------------------------------------------------------------
@@ -213,9 +260,49 @@ def _hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else HF_PREFIX + name
 
 
+# megacpm's stacked expert tensors (MoEMLP's w1 gate, w3 up, w2 down) and Hugging Face's per-expert ones.
+_STACKED_EXPERTS = re.compile(r"(layers\.\d+\.mlp)\.(w1|w2|w3)")
+
+
+def expert_names(name: str, num_experts: int) -> Optional[List[str]]:
+    """The Hugging Face names (without the ``model.`` prefix) of the experts of a stacked megacpm
+    tensor, expert e's at index e: ``layers.L.mlp.w1`` -> ``layers.L.mlp.experts.e.w1.weight``;
+    None for a tensor that is not stacked experts. The one home of that mapping, both ways."""
+    match = _STACKED_EXPERTS.fullmatch(name)
+    if match is None:
+        return None
+    return [f"{match[1]}.experts.{e}.{match[2]}.weight" for e in range(num_experts)]
+
+
+def _hf_layout(cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, Tuple[str, Optional[int], torch.Size]]:
+    """HF name (unprefixed) -> (megacpm name, expert index or None, HF shape), in megacpm order."""
+    layout = {}
+    for name, shape in shapes.items():
+        experts = expert_names(name, cfg.num_experts)
+        if experts is None:
+            layout[name] = (name, None, shape)
+        else:
+            layout.update({hf: (name, e, shape[1:]) for e, hf in enumerate(experts)})
+    return layout
+
+
+def hf_tensors(cfg: ModelConfig, weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """megacpm weights as Hugging Face tensors (names unprefixed) of ``dtype``, contiguous, stacked
+    experts split one per expert (each a copy: safetensors refuses tensors that share storage)."""
+    out = {}
+    for name, tensor in weights.items():
+        experts = expert_names(name, cfg.num_experts)
+        if experts is None:
+            out[name] = tensor.to(dtype).contiguous()
+        else:
+            out.update({hf: tensor[e].to(dtype, copy=True).contiguous() for e, hf in enumerate(experts)})
+    return out
+
+
 def read_hf_weights(directory: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """The directory's tensors under megacpm names, fp32, checked against the config's shapes: a
-    missing, unexpected, misshapen or non-floating tensor is one line naming it and its file."""
+    missing, unexpected, misshapen or non-floating tensor is one line naming it and its file. An
+    MoE model's per-expert tensors are checked one by one, then stacked."""
     directory = Path(directory)
     tensors: Dict[str, torch.Tensor] = {}
     origin: Dict[str, Path] = {}
@@ -224,7 +311,9 @@ def read_hf_weights(directory: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor
         for name, tensor in _read_file(path).items():
             name = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
             tensors[name], origin[name] = tensor, path
-    shapes = expected_shapes(cfg)
+    megacpm_shapes = expected_shapes(cfg)
+    layout = _hf_layout(cfg, megacpm_shapes)
+    shapes = {name: shape for name, (_, _, shape) in layout.items()}
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some exports store the tied copy too
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer, not a weight
@@ -246,7 +335,16 @@ def read_hf_weights(directory: Path, cfg: ModelConfig) -> Dict[str, torch.Tensor
         if not tensor.is_floating_point():
             raise ConversionError(f"{origin[name]}: tensor {_hf_name(name)} is {str(tensor.dtype).replace('torch.', '')}, "
                                   "not a floating-point weight")
-    return {name: tensors[name].float() for name in shapes}
+    weights: Dict[str, torch.Tensor] = {}
+    for name, (megacpm_name, expert, _) in layout.items():  # in megacpm's order
+        tensor = tensors.pop(name)
+        if expert is None:
+            weights[megacpm_name] = tensor.float()
+        else:  # stacked in place: no second copy of the experts
+            if megacpm_name not in weights:
+                weights[megacpm_name] = torch.empty(megacpm_shapes[megacpm_name], dtype=torch.float32)
+            weights[megacpm_name][expert].copy_(tensor)
+    return weights
 
 
 def llama_weights(cfg: ModelConfig, weights: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -269,10 +367,10 @@ def write_hf_directory(directory: Path, cfg: ModelConfig, weights: Dict[str, tor
     directory = Path(directory)
     if directory.exists():
         raise ConversionError(f"{directory}: already exists")
+    refuse_llama_moe(cfg, llama, directory)
     if llama:
         weights = llama_weights(cfg, weights)
-    named = {(name if name == "lm_head.weight" else HF_PREFIX + name): t.to(dtype).contiguous()
-             for name, t in weights.items()}
+    named = {_hf_name(name): t for name, t in hf_tensors(cfg, weights, dtype).items()}
     shards, current, size = [], {}, 0
     for name, tensor in named.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -298,11 +396,17 @@ def write_hf_directory(directory: Path, cfg: ModelConfig, weights: Dict[str, tor
 
 
 # -- megacpm checkpoints ---------------------------------------------------------------------------
+def megacpm_config(path: Path) -> tuple[Path, Config]:
+    """(checkpoint directory, its config) of a megacpm run directory (its latest checkpoint) or
+    checkpoint directory, without reading the weights."""
+    checkpoint = resolve_checkpoint(path)
+    return checkpoint, load_config(str(checkpoint / CONFIG_FILE))
+
+
 def read_megacpm(path: Path) -> tuple[Config, Dict[str, torch.Tensor]]:
     """(config, fp32 model-space weights) of a megacpm run directory (its latest checkpoint) or
     checkpoint directory, read in one process whatever layout wrote it."""
-    checkpoint = resolve_checkpoint(path)
-    cfg = load_config(str(checkpoint / CONFIG_FILE))
+    checkpoint, cfg = megacpm_config(path)
     return cfg, read_weights(checkpoint, cfg.model, expected_shapes(cfg.model))
 
 

@@ -17,6 +17,10 @@ config names the remote code (modeling_minicpm.py, configuration_minicpm.py) tha
 MiniCPM releases ship: copy those files in to load it with trust_remote_code. --llama-format folds
 the muP multipliers into the weights for transformers' own LlamaForCausalLM.
 
+MiniCPM-MoE (config.json's num_experts, num_experts_per_tok) converts both ways too: Hugging Face's
+one tensor per expert (model.layers.L.mlp.experts.E.w1/w3/w2.weight) becomes megacpm's stacked
+layers.L.mlp.w1/w3/w2 and back, bit-exact. It has no Llama format (Llama has no experts): refused.
+
 Only MiniCPM directories convert (config.json's model_type 'minicpm', with its muP fields scale_emb,
 dim_model_base, scale_depth): another model's config is refused, not converted with default
 multipliers. The output is written under a temporary name and renamed when complete, so a failure,
@@ -116,8 +120,10 @@ def hf_to_megacpm(args) -> str:
 
 
 def megacpm_to_hf(args) -> str:
-    from megacpm.huggingface import DTYPES, read_megacpm, write_hf_directory
+    from megacpm.huggingface import DTYPES, megacpm_config, read_megacpm, refuse_llama_moe, write_hf_directory
 
+    checkpoint, cfg = megacpm_config(Path(args.input))
+    refuse_llama_moe(cfg.model, args.llama_format, checkpoint / CONFIG_FILE)  # before reading any weights
     cfg, weights = read_megacpm(Path(args.input))
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     directory = write_hf_directory(Path(args.output), cfg.model, weights, DTYPES[args.dtype], llama=args.llama_format,
