@@ -47,3 +47,16 @@ def reference_run(steps: int, lr: float = LR, vocab_size: int = VOCAB):
         optimizer.zero_grad()
         losses.append(total / batch.labels.numel())
     return losses, norms
+
+
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01,
+           moe_router_bias_update_rate=0.01)
+
+
+def make_moe_config(**parallel) -> Config:
+    """make_config's model with every MLP 4 experts, top-2, every balancing term switched on (the
+    coefficients large enough that a mis-scaled auxiliary gradient shows in the losses)."""
+    cfg = make_config(**parallel)
+    for key, value in MOE.items():
+        setattr(cfg.model, key, value)
+    return cfg

@@ -24,7 +24,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
-from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state
+from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state, saved_shape
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
 from megacpm.io.errors import decode_cause, os_error_cause
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, REFERENCE_FILE,
@@ -88,8 +88,9 @@ def check_branch_shape(checkpoint: Path, meta: Dict, config_yaml: str, overrides
         raise CheckpointError("the branch's config is not a YAML mapping") from None
     if not isinstance(saved, dict) or not isinstance(new, dict):
         return  # an older checkpoint without its shape: the load's own check speaks at train time
+    saved = saved_shape(saved)
     for key in SHAPE_FIELDS:
-        if key in ALLOWED_SHAPE_CHANGES or key not in saved or key not in new:
+        if key in ALLOWED_SHAPE_CHANGES or key not in new:
             continue
         if saved[key] != new[key]:
             raise CheckpointError(

@@ -25,9 +25,16 @@ PathLike = Union[str, Path]
 FORMAT_VERSION = 2  # 2: model-space DCP of any layout, per-rank RNG files
 # Model fields that change a tensor's shape: a checkpoint cannot load into a model differing in them.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "num_experts")
+# What a checkpoint written before a field existed had: its shape is read with these filled in.
+SHAPE_DEFAULTS = {"num_experts": 0}
 # trainer_state.json's counters: each a non-negative int.
 COUNTER_FIELDS = ("step", "optimizer_steps", "consumed_samples", "tokens")
+
+
+def saved_shape(model_fields: Dict[str, Any]) -> Dict[str, Any]:
+    """The SHAPE_FIELDS of a checkpoint's recorded model fields, older checkpoints' defaults filled in."""
+    return {key: model_fields.get(key, SHAPE_DEFAULTS.get(key)) for key in SHAPE_FIELDS}
 
 
 class CheckpointError(RuntimeError):

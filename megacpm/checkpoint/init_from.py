@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
 from megacpm.checkpoint.catalog import (SHAPE_FIELDS, CheckpointError, checkpoint_problem, list_checkpoints,
-                                        read_trainer_state, resolve_resume)
+                                        read_trainer_state, resolve_resume, saved_shape)
 from megacpm.io.errors import describe_os_error
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, STEP_DIR, TRAINER_STATE_FILE,
                                 checkpoint_step, checkpoints_dir, step_dir_name)
@@ -162,8 +162,9 @@ def local_part(full: "torch.Tensor", param: "nn.Parameter", ctx: "ParallelContex
 
 
 def _shape_differences(source: Dict, model_cfg: "ModelConfig", where: str) -> List[str]:
-    return [f"{key} is {source.get(key)!r} in {where} but {getattr(model_cfg, key)!r} in the config"
-            for key in SHAPE_FIELDS if source.get(key) != getattr(model_cfg, key)]
+    source = saved_shape(source)
+    return [f"{key} is {source[key]!r} in {where} but {getattr(model_cfg, key)!r} in the config"
+            for key in SHAPE_FIELDS if source[key] != getattr(model_cfg, key)]
 
 
 def _refuse_other_shape(path: Path, differences: List[str]) -> None:

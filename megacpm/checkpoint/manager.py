@@ -33,7 +33,7 @@ import torch.distributed.checkpoint as dcp
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megacpm.checkpoint.catalog import (FORMAT_VERSION, SHAPE_FIELDS, CheckpointError, checkpoint_problem,
+from megacpm.checkpoint.catalog import (FORMAT_VERSION, SHAPE_FIELDS, CheckpointError, checkpoint_problem, saved_shape,
                                         latest_checkpoint, list_checkpoints, read_trainer_state)
 from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
@@ -327,9 +327,9 @@ def _rotate(root: Path, keep: int, newest: int) -> None:
 
 
 def _check_model_shape(path: Path, meta: Dict[str, Any], model_cfg: ModelConfig) -> None:
-    saved = meta.get("model", {})
+    saved = saved_shape(meta.get("model", {}))
     for key, value in _model_shape(model_cfg).items():
-        if saved.get(key) != value:
+        if saved[key] != value:
             raise CheckpointError(f"{path}: model.{key} is {saved.get(key)!r} in the checkpoint but {value!r} in the config")
 
 

@@ -7,7 +7,9 @@ replicated tensor is a plain tensor (DCP writes one copy). A pipeline rank contr
 layers it holds. ZeRO-1 moments are gathered into parameter shape first. So a checkpoint written
 under one (tp, pp, vpp, dp, zero1) loads under any other: DCP reads each rank's slice of each key.
 
-Layout of the dict: {"model": {name: tensor}, "optim": {"exp_avg": {...}, "exp_avg_sq": {...}}}.
+Layout of the dict: {"model": {name: tensor}, "optim": {"exp_avg": {...}, "exp_avg_sq": {...}}}, and
+for an MoE model {"buffers": {"layers.L.mlp.router_bias": tensor}} (replicated; the routing state
+of auxiliary-loss-free balancing, part of the model's function).
 """
 from __future__ import annotations
 
@@ -39,13 +41,17 @@ def state_to_save(model: ShardedModel, optimizer: ShardedOptimizer) -> StateDict
         saved["model"][name] = model.global_view(state[name]["master"], param, mesh)
         for key in MOMENTS:
             saved["optim"][key][name] = model.global_view(state[name][key], param, mesh)
+    buffers = model.router_biases()
+    if buffers:
+        saved["buffers"] = {name: buffer.detach().float() for name, buffer in buffers.items()}
     return saved
 
 
 def state_to_load(model: ShardedModel, with_optimizer: bool = True
                   ) -> Tuple[StateDict, Dict[str, Dict[str, torch.Tensor]]]:
     """(state dict for dcp.load, the local fp32 tensors it fills: {name: {"master", "exp_avg",
-    "exp_avg_sq"}}). Hand them to ``ShardedOptimizer.load_state_by_name`` afterwards, or copy the
+    "exp_avg_sq"}}; an MoE model's router biases are loaded in place). Hand them to
+    ``ShardedOptimizer.load_state_by_name`` afterwards, or copy the
     masters into the parameters for a model without an optimizer. Without the optimizer the
     moments stay zero (a fresh optimizer on loaded weights)."""
     mesh = model.tp_mesh()
@@ -59,6 +65,9 @@ def state_to_load(model: ShardedModel, with_optimizer: bool = True
         target["model"][key] = model.global_view(local[name]["master"], param, mesh)
         for m in MOMENTS if with_optimizer else ():
             target["optim"][m][key] = model.global_view(local[name][m], param, mesh)
+    buffers = model.router_biases()
+    if buffers:
+        target["buffers"] = buffers  # loaded in place
     return target, local
 
 

@@ -110,8 +110,17 @@ def attach_aux_loss(output: torch.Tensor, aux_loss: torch.Tensor, scale: float) 
     return _AttachAuxLoss.apply(output, aux_loss, float(scale))
 
 
+def _whole(output: torch.Tensor) -> torch.Tensor:
+    return output
+
+
 class MoEMLP(nn.Module):
-    """E SwiGLU experts of (hidden, intermediate) behind a top-k router."""
+    """E SwiGLU experts of (hidden, intermediate) behind a top-k router.
+
+    Injected when the model is sharded (megacpm.parallel.plans.plan_moe): ``complete_output``, what
+    turns the combined expert outputs into the layer's output (the sum of the TP ranks' partial
+    outputs when the experts' intermediate dimension is split; the identity in one process).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_experts_per_tok: int,
                  capacity_factor: Optional[float] = None):
@@ -125,6 +134,7 @@ class MoEMLP(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.register_buffer("router_bias", torch.zeros(num_experts), persistent=False)
+        self.complete_output = _whole
 
     @torch.no_grad()
     def upcycle_from(self, dense_gate: torch.Tensor, dense_up: torch.Tensor, dense_down: torch.Tensor,
@@ -148,4 +158,4 @@ class MoEMLP(nn.Module):
         expert_out = grouped_swiglu(tokens[token_of], counts, self.w1, self.w3, self.w2)
         weight = (routing.weights * keep).reshape(-1)[order].to(expert_out.dtype)
         combined = torch.zeros_like(tokens).index_add_(0, token_of, expert_out * weight[:, None])
-        return combined.view_as(x), routing, keep
+        return self.complete_output(combined.view_as(x)), routing, keep

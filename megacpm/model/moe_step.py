@@ -57,8 +57,8 @@ class MoEStep:
     @staticmethod
     def metrics(totals: torch.Tensor, layer_ids: Sequence[int]) -> Dict[str, float]:
         """The step's MoE metrics from ``totals`` summed over all ranks: the load-balancing and z
-        losses (mean over layers; LB is 1 at perfect balance), each layer's max / mean expert load,
-        and the fraction of assignments dropped by the capacity."""
+        losses (mean over layers; LB is 1 at perfect balance), each layer's max / mean expert load
+        and the worst layer's, and the fraction of assignments dropped by the capacity."""
         num_experts = totals.shape[1] - EXTRA
         counts = totals[:, :num_experts]
         assignments = counts.sum(1).clamp_min(1.0)
@@ -66,8 +66,10 @@ class MoEStep:
         out = {"moe/aux_loss": float(totals[:, num_experts + AUX].mean()),
                "moe/z_loss": float(totals[:, num_experts + Z].mean()),
                "moe/dropped_fraction": float(totals[:, num_experts + DROPPED].sum() / assignments.sum())}
+        max_load = load.max(1).values * num_experts
+        out["moe/max_load"] = float(max_load.max())
         for row, layer in enumerate(layer_ids):
-            out[f"moe/max_load/{layer}"] = float(load[row].max() * num_experts)
+            out[f"moe/max_load/{layer}"] = float(max_load[row])
         return out
 
 

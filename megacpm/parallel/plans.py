@@ -4,7 +4,7 @@
 each module's type (TP_PLANS): a plan swaps the module's dense children for their column/row/vocab
 parallel versions holding this rank's shard, declares every parameter it leaves with a ParamSpec,
 and injects what the module needs (the per-rank dropout stream, the vocab-parallel loss head).
-A new module type (an MoE block) adds its plan here; a dense layer or an undeclared parameter that
+A new module type adds its plan here; a dense layer or an undeclared parameter that
 no plan covered is an error under tp > 1, never a silently replicated full-size weight.
 
 Communication per decoder layer (forward), Megatron's count: without SP one all-reduce after the
@@ -24,8 +24,10 @@ from torch import nn
 
 from megacpm import kernels
 from megacpm.model.minicpm import MLP, Attention, DecoderLayer, MiniCPM, RMSNorm
-from megacpm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megacpm.parallel.mappings import Group, copy_to_tp, gather_from_sp, group_size
+from megacpm.model.moe import MoEMLP
+from megacpm.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard
+from megacpm.parallel.mappings import (Group, copy_to_tp, gather_from_sp, group_size, reduce_from_tp,
+                                       reduce_scatter_sp)
 from megacpm.parallel.param_spec import ParamSpec, has_param_spec, param_spec, set_param_spec
 from megacpm.parallel.random import tensor_parallel_rng
 
@@ -82,6 +84,19 @@ class ReplicatedKVProjection(nn.Module):
         return F.linear(x, self.weight[self.lo:self.hi])
 
 
+class PartialGradientLinear(nn.Module):
+    """A linear layer whole on every TP rank whose weight's gradient is partial per rank, completed
+    over TP before clipping: the MoE router, whose routing weights multiply partial expert outputs."""
+
+    def __init__(self, full_weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(full_weight.clone())
+        set_param_spec(self.weight, ParamSpec(partial_over=("tp",)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class VocabParallelOutputLoss:
     """The LM head's loss (summed, or per token) when the output weight's rows (the vocabulary) are split over the
     TP group: logits a chunk of tokens at a time, padding rows of a vocabulary tp does not divide
@@ -136,6 +151,22 @@ def plan_mlp(mlp: MLP, tp: TensorParallel) -> None:
     mlp.down_proj = _row(mlp.down_proj, tp)
 
 
+def plan_moe(moe: MoEMLP, tp: TensorParallel) -> None:
+    """Every expert split like the dense MLP (w1, w3 [E, I, H] by I; w2 [E, H, I] by I), the router
+    whole on every rank: each rank routes the same tokens (its input entered the TP region in the
+    norm) to the same experts, computes its part of their outputs, and the parts are summed (SP:
+    reduce-scattered over the sequence) as after a row-parallel layer. The router's gradient is
+    partial (the routing weights meet partial outputs); its auxiliary-loss part is computed on every
+    rank and shared 1/tp each (megacpm.model.moe_step.MoEStep's grad_share)."""
+    moe.gate = PartialGradientLinear(moe.gate.weight.data)
+    for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
+        full = getattr(moe, name).data
+        setattr(moe, name, nn.Parameter(shard(full, dim, tp.group)))
+        set_param_spec(getattr(moe, name), ParamSpec(shard_dims={"tp": dim}))
+    reduce = reduce_scatter_sp if tp.sequence_parallel else reduce_from_tp
+    moe.complete_output = functools.partial(reduce, group=tp.group)
+
+
 def plan_decoder_layer(layer: DecoderLayer, tp: TensorParallel) -> None:
     """Both norms feed column-parallel layers: they enter the TP region (or gather the sequence)."""
     layer.input_layernorm = ParallelInputNorm(layer.input_layernorm, tp)
@@ -160,6 +191,7 @@ TP_PLANS: Dict[type, Callable[[nn.Module, TensorParallel], None]] = {
     DecoderLayer: plan_decoder_layer,
     Attention: plan_attention,
     MLP: plan_mlp,
+    MoEMLP: plan_moe,
 }
 DENSE_TYPES = (nn.Linear, nn.Embedding)  # what a plan must have replaced
 

@@ -21,6 +21,7 @@ from megacpm.config import ModelConfig
 from megacpm.data.batch import Batch
 from megacpm.model import MiniCPM
 from megacpm.model.compile import CompileStats, compile_blocks
+from megacpm.model.moe import MoEMLP
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.layers import ColumnParallelLinear
 from megacpm.parallel.param_spec import ParamSpec, has_param_spec, param_spec, set_param_spec
@@ -74,6 +75,8 @@ class ShardedModel(nn.Module):
                 part.lm_head = _tied_output_copy(model, ctx)
             chunks.append(part)
         self.chunks = nn.ModuleList(chunks).to(device=ctx.device, dtype=param_dtype)
+        for mlp in self.moe_layers().values():
+            mlp.router_bias = mlp.router_bias.float()  # small steps of a balancing rule: kept in fp32
         for name, param in self.params_by_name().items():
             if not has_param_spec(param):
                 set_param_spec(param, ParamSpec())  # a single process, or a module TP leaves whole
@@ -91,6 +94,15 @@ class ShardedModel(nn.Module):
         for chunk in self.chunks:
             named.update(dict(chunk.named_parameters()))
         return named
+
+    def router_biases(self) -> Dict[str, torch.Tensor]:
+        """{model-space name: buffer} of this rank's MoE router biases (auxiliary-loss-free
+        balancing's state: it changes which experts are chosen, so checkpoints carry it)."""
+        return {f"layers.{index}.mlp.router_bias": mlp.router_bias for index, mlp in self.moe_layers().items()}
+
+    def moe_layers(self) -> Dict[int, MoEMLP]:
+        """{global layer index: its MoEMLP} of this rank's chunks."""
+        return {layer.index: layer.mlp for chunk in self.chunks for layer in chunk.layers if layer.is_moe}
 
     @staticmethod
     def model_space_name(name: str, param: nn.Parameter) -> str:
@@ -139,25 +151,29 @@ class ShardedModel(nn.Module):
                             activation_shape=(rows, seq // shards, self.cfg.hidden_size),
                             dtype=self.param_dtype, device=self.ctx.device)
 
-    def _chunk_fns(self, micro_batches: Sequence[Batch]) -> List[Callable[[torch.Tensor, int], torch.Tensor]]:
+    def _chunk_fns(self, micro_batches: Sequence[Batch], moe=None
+                   ) -> List[Callable[[torch.Tensor, int], torch.Tensor]]:
         """Each chunk as the pipeline calls it: (input, micro-batch index) -> output, with that
-        micro-batch's positions and document mask (every stage has them; only activations travel)."""
+        micro-batch's positions and document mask (every stage has them; only activations travel)
+        and, training an MoE model, its view of the step's megacpm.model.moe_step.MoEStep."""
         def run(chunk: MiniCPM) -> Callable[[torch.Tensor, int], torch.Tensor]:
-            return lambda x, i: chunk.hidden(x, micro_batches[i].position_ids, micro_batches[i].document_ids)
+            return lambda x, i: chunk.hidden(x, micro_batches[i].position_ids, micro_batches[i].document_ids,
+                                             None if moe is None else moe.micro(i))
         return [run(chunk) for chunk in self.chunks]
 
     def forward_backward(self, micro_batches: Sequence[Batch], loss_fn: LossFn,
-                         before_backward: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                         before_backward: Optional[Callable[[int], None]] = None, moe=None) -> torch.Tensor:
         """Forward and backward of every micro-batch (its token ids, positions and document ids;
         the objective reads its labels), in the pipeline schedule's order under pp > 1. ``loss_fn``
         gives the scalar to back-propagate from the last chunk's output; ``before_backward(i)`` runs
         before micro-batch i's backward on a single stage (the gradient buffer syncs on the last
-        one). Returns the sum of the detached losses on the rank holding the last stage, zero
-        elsewhere."""
+        one); ``moe`` (an MoE model's megacpm.model.moe_step.MoEStep) collects the routing statistics
+        and attaches the auxiliary losses. Returns the sum of the detached losses on the rank holding
+        the last stage, zero elsewhere."""
         last = self.last_chunk
         zero = torch.zeros((), device=self.ctx.device)
         self.train()
-        chunk_fns = self._chunk_fns(micro_batches)
+        chunk_fns = self._chunk_fns(micro_batches, moe)
         inputs = [micro.input_ids for micro in micro_batches]
         if self.ctx.layout.pp == 1:
             total = zero

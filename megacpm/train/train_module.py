@@ -12,18 +12,22 @@ Global correctness, whatever the layout:
 - partial gradients are completed and the norm counts every parameter once, as its ParamSpec
   declares (megacpm.optim.sharded_optimizer);
 - the objective's statistics are summed over micro-batches and ranks before its metrics are
-  taken, so every rank reports (and decides on) the same numbers.
+  taken, so every rank reports (and decides on) the same numbers;
+- an MoE model's routing statistics (megacpm.model.moe_step.MoEStep) travel in the same
+  all-reduce: its metrics, and the router biases of auxiliary-loss-free balancing, come from the
+  global counts, so every rank moves its biases alike.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from megacpm.config import Config
 from megacpm.data.batch import Batch, shard_batch
+from megacpm.model.moe_step import MoEStep
 from megacpm.objectives import Objective, build_objective
 from megacpm.optim.sharded_optimizer import ShardedOptimizer
 from megacpm.parallel.context import ParallelContext
@@ -50,6 +54,9 @@ class TrainModule:
                                   param_dtype=param_dtype, compile=t.compile)
         self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
         self.objective = objective or build_objective(cfg.objective)
+        # The last step's global assignments per (layer, expert), for the router-bias update that
+        # follows its optimizer step (None: a dense model, or no step yet).
+        self._expert_counts: Optional[torch.Tensor] = None
 
     def load_initial_weights(self, source) -> None:
         """Fine-tuning's start (train.init_from): the weights of ``source`` (a
@@ -95,15 +102,34 @@ class TrainModule:
 
         return stats, run
 
-    def _global_metrics(self, stats: torch.Tensor, normaliser: float) -> Dict[str, float]:
+    def _moe_step(self, micro_batches: Sequence[Batch], batch: Batch) -> Optional[MoEStep]:
+        """An MoE model's bookkeeping for one step: each micro-batch weighted by its share of the
+        global batch's tokens, the router gradient shared by the TP ranks that route alike."""
+        m = self.cfg.model
+        if not m.is_moe:
+            return None
+        return MoEStep(m.num_hidden_layers, m.num_experts, [micro.input_ids.numel() for micro in micro_batches],
+                       global_tokens=batch.input_ids.numel(), aux_coeff=m.moe_aux_loss_coeff,
+                       z_coeff=m.moe_z_loss_coeff, grad_share=self.ctx.layout.tp, device=self.ctx.device)
+
+    def _global_metrics(self, stats: torch.Tensor, normaliser: float,
+                        moe: Optional[MoEStep] = None) -> Dict[str, float]:
         """The objective's metrics from its statistics summed over this rank's micro-batches and
-        then over all ranks (ranks without the last stage contribute zeros)."""
-        values = stats.clone()
+        then over all ranks (ranks without the last stage contribute zeros), with an MoE model's
+        routing metrics from its records summed the same way (one all-reduce for both)."""
+        values = stats.clone() if moe is None else torch.cat([stats, moe.totals().flatten()])
         if self.ctx.world_size > 1:
             dist.all_reduce(values)
         replicas = math.prod(self.ctx.layout.size(axis) for axis in STATS_REPLICATED_OVER)
-        totals = {n: v / replicas for n, v in zip(self.objective.stat_names, values.tolist())}
-        return self.objective.metrics(totals, normaliser)
+        values = values / replicas
+        count = len(self.objective.stat_names)
+        totals = {n: v for n, v in zip(self.objective.stat_names, values[:count].tolist())}
+        metrics = self.objective.metrics(totals, normaliser)
+        if moe is not None:
+            moe_totals = values[count:].view(moe.records.shape[1:])
+            metrics.update(MoEStep.metrics(moe_totals, range(moe.num_layers)))
+            self._expert_counts = moe_totals[:, :moe.num_experts]
+        return metrics
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, batch: Batch, lr: float) -> Dict[str, float]:
@@ -120,6 +146,7 @@ class TrainModule:
         with "grad_norm", the global norm as a tensor)."""
         normaliser = self.objective.normaliser(batch)
         micro_batches = self._micro_batches(batch)
+        moe = self._moe_step(micro_batches, batch)
         stats, loss_fn_for = self._accumulator()
         loss_fn = loss_fn_for(micro_batches, normaliser)
         self.optimizer.zero_grad()
@@ -131,10 +158,10 @@ class TrainModule:
             # chunks; the buckets are reduced after the schedule (finish_gradients).
             self.optimizer.sync_gradients(False)
             before_backward = None
-        self.model.forward_backward(micro_batches, loss_fn, before_backward)
+        self.model.forward_backward(micro_batches, loss_fn, before_backward, moe)
         self.optimizer.finish_gradients()
         norm = self.optimizer.grad_norm()
-        metrics = self._global_metrics(stats, normaliser)
+        metrics = self._global_metrics(stats, normaliser, moe)
         metrics["grad_norm"] = float(norm)
         return metrics, norm
 
@@ -142,6 +169,20 @@ class TrainModule:
         """Clip to optim.clip_grad by the global norm, then the AdamW update at ``lr``."""
         self.optimizer.clip(norm)
         self.optimizer.step(lr)
+        self._balance_routers()
+
+    @torch.no_grad()
+    def _balance_routers(self) -> None:
+        """DeepSeek-V3's auxiliary-loss-free balancing, after the step's update: each router bias
+        moves by model.moe_router_bias_update_rate towards balance, b_e += rate * sign(mean load -
+        load_e), from the step's global assignment counts (identical on every rank)."""
+        rate = self.cfg.model.moe_router_bias_update_rate
+        counts, self._expert_counts = self._expert_counts, None
+        if not rate or counts is None:
+            return
+        for index, mlp in self.model.moe_layers().items():
+            load = counts[index].to(mlp.router_bias.device)
+            mlp.router_bias.add_(rate * torch.sign(load.mean() - load))
 
     @torch.no_grad()
     def evaluate(self, batch: Batch) -> Dict[str, float]:

@@ -51,7 +51,8 @@ class Console(Sink):
         eta = elapsed / done * (self._total - step) if done > 0 else float("nan")
         self.message(
             f"step {step}/{self._total} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-            f"grad_norm {record['grad_norm']:.3f}{_preference(record)} | {record['tokens_per_sec']:.0f} tok/s | "
+            f"grad_norm {record['grad_norm']:.3f}{_preference(record)}{_routing(record)} | "
+            f"{record['tokens_per_sec']:.0f} tok/s | "
             f"ETA {_hms(eta)}"
         )
 
@@ -73,6 +74,14 @@ def _preference(record: Record, prefix: str = "") -> str:
         return ""
     return (f" | {prefix}accuracy {record[f'{prefix}rewards/accuracies']:.3f} | "
             f"{prefix}margin {record[f'{prefix}rewards/margins']:.3f}")
+
+
+def _routing(record: Record) -> str:
+    """An MoE model's balance: the load-balancing loss (1 when balanced) and the worst expert load
+    relative to the mean, over layers."""
+    if "moe/aux_loss" not in record:
+        return ""
+    return f" | moe_lb {record['moe/aux_loss']:.3f} | max_load {record['moe/max_load']:.2f}"
 
 
 def _hms(seconds: float) -> str:
