@@ -131,7 +131,8 @@ def model_summary(cfg, world_size: int) -> dict:
     counts = count_parameters(cfg.model)
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     device_type = "cuda" if cfg.train.device != "cpu" else "cpu"
-    memory = estimate_training_memory(cfg, counts["total"], device_type=device_type, world_size=world_size)
+    memory = estimate_training_memory(cfg, counts["total"], device_type=device_type, world_size=world_size,
+                                      expert_params=counts["experts"])
     # Rows of seq_len tokens: a DPO pair is two (chosen, rejected), and global_batch_size counts pairs.
     rows_per_step = cfg.train.global_batch_size * OBJECTIVES[cfg.objective.kind].rows_per_sample
     tokens_per_step = rows_per_step * cfg.train.seq_len
@@ -141,6 +142,9 @@ def model_summary(cfg, world_size: int) -> dict:
         "total_params": counts["total"],
         "non_embedding_params": counts["non_embedding"],
         "embedding_params": counts["embedding"],
+        "expert_params": counts["experts"],
+        "active_params": counts["active"],
+        "active_non_embedding_params": counts["active_non_embedding"],
         "flops_per_token": flops["training"],
         "forward_flops_per_token": flops["forward"],
         "tokens_per_step": tokens_per_step,
@@ -174,6 +178,14 @@ def cmd_info(config: str, overrides: List[str], as_json: bool, world_size: int) 
         f"non-embedding params   {summary['non_embedding_params']:,} "
         f"({_format_count(summary['non_embedding_params'])})",
         f"embedding params       {summary['embedding_params']:,}",
+    ]
+    if summary["expert_params"]:
+        m = cfg.model
+        lines += [f"experts                {m.num_experts} per layer, top-{m.num_experts_per_tok}: "
+                  f"{summary['expert_params']:,} expert params",
+                  f"active params / token  {summary['active_params']:,} ({_format_count(summary['active_params'])}; "
+                  f"non-embedding {_format_count(summary['active_non_embedding_params'])})"]
+    lines += [
         f"training FLOPs/token   {_format_count(summary['flops_per_token'])}",
         f"tokens per step        {summary['tokens_per_step']:,}",
         f"layout                 world {layout['world_size']} = {layout['description']}",

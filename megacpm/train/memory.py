@@ -5,7 +5,8 @@ and two moments (12 bytes per parameter, divided by dp under ZeRO-1), the activa
 backward of the schedule's in-flight micro-batches, and the loss head: the workspace of the path
 the model trains through (megacpm.kernels.fused_linear_cross_entropy_workspace_bytes: one chunk of
 logits, the fp32 weight-gradient accumulator, the hidden gradient), whatever the tensor-parallel
-size. DPO counts a pair's two rows per sample, and ``objective.reference: live`` its frozen copy of
+size. MoE experts are split over ep.
+DPO counts a pair's two rows per sample, and ``objective.reference: live`` its frozen copy of
 the weights. Not counted: allocator fragmentation, the CUDA context, communication buffers. It is an
 estimate to choose a layout with, not a promise.
 """
@@ -30,13 +31,18 @@ def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> float:
 
     attention half: norm input and output, q, k, v, attention output (+ fp32 log-sum-exp), o_proj
     input; MLP half: norm input and output, gate, up, silu(gate), their product. The projections'
-    outputs are split over TP; the norms' tensors are split too under sequence parallelism.
+    outputs are split over TP; the norms' tensors are split too under sequence parallelism. An MoE
+    layer keeps those four per routed copy of the token (k of them), plus each copy's dispatched
+    input and expert output and the fp32 router logits and probabilities.
     """
     m, tp = cfg.model, cfg.parallel.tp
     kv_width = m.num_key_value_heads * m.head_dim
     replicated = 4 * m.hidden_size * act_bytes  # two norms' inputs and outputs
-    split = ((3 * m.hidden_size + 2 * kv_width + 4 * m.intermediate_size) * act_bytes
+    copies = m.num_experts_per_tok if m.is_moe else 1
+    split = ((3 * m.hidden_size + 2 * kv_width + 4 * copies * m.intermediate_size) * act_bytes
              + 4 * m.num_attention_heads)
+    if m.is_moe:
+        replicated += 2 * copies * m.hidden_size * act_bytes + 2 * 4 * m.num_experts
     if cfg.parallel.sp:
         replicated /= tp
     return replicated + split / tp
@@ -75,11 +81,15 @@ def loss_head_bytes(cfg: Config, device_type: str) -> int:
 
 
 def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "cuda",
-                             world_size: int = 1) -> Dict[str, int]:
-    """Bytes per rank for the configured layout (tp, pp, vpp, dp, sp, zero1)."""
+                             world_size: int = 1, expert_params: int = 0) -> Dict[str, int]:
+    """Bytes per rank for the configured layout (tp, pp, vpp, dp, sp, zero1, ep). ``expert_params``
+    of the ``num_params`` are MoE experts: split over ep as well, their ZeRO-1 state over the
+    expert-data-parallel ranks (dp / ep)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     dp = max(1, ParallelLayout.from_config(p, world_size).dp)
-    params_per_rank = num_params // (p.tp * p.pp)
+    dense_per_rank = (num_params - expert_params) // (p.tp * p.pp)
+    experts_per_rank = expert_params // (p.tp * p.pp * p.ep)
+    params_per_rank = dense_per_rank + experts_per_rank
     act_bytes = 2 if t.uses_bf16(device_type) else 4
     tokens = rows_per_micro_batch(cfg) * t.seq_len
     micro_batches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
@@ -95,7 +105,8 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
     estimate = {
         "weights": params_per_rank * act_bytes,
         "grads": params_per_rank * GRAD_BYTES,
-        "optimizer": int(params_per_rank * OPTIMIZER_BYTES / (dp if p.zero1 else 1)),
+        "optimizer": int(dense_per_rank * OPTIMIZER_BYTES / (dp if p.zero1 else 1)
+                         + experts_per_rank * OPTIMIZER_BYTES / (max(1, dp // p.ep) if p.zero1 else 1)),
         "activations": int(activations),
         "loss_head": loss_head_bytes(cfg, device_type),
     }
