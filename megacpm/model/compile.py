@@ -11,6 +11,11 @@ Every graph the backend compiles is counted by the phase it was traced in: the f
 step and the first evaluation each compile; a later compilation is a recompile (a guard failed:
 a changing shape, dtype or Python value), something to find rather than a cost to pay. The
 trainer's CompileMonitor callback logs the first and warns about the others.
+
+An MoE block is compiled in its parts: its norms and attention; the mixture stays eager, since
+its routing is data-dependent (tokens per expert decide the grouped GEMM's shapes) and it records
+the step's routing statistics into a Python object per micro-batch, two things a graph would
+either break on or recompile for.
 """
 from __future__ import annotations
 
@@ -52,6 +57,13 @@ def decoder_blocks(chunks: Iterable[nn.Module]) -> List[nn.Module]:
     return [layer for chunk in chunks for layer in chunk.layers]
 
 
+def compiled_parts(block: nn.Module) -> List[nn.Module]:
+    """What of a decoder block is compiled: the block itself, or an MoE block's norms and attention."""
+    if getattr(block, "is_moe", False):
+        return [block.input_layernorm, block.self_attn, block.post_attention_layernorm]
+    return [block]
+
+
 def compile_blocks(chunks: Iterable[nn.Module], backend: str = "inductor") -> CompileStats:
     """Compile every decoder block of ``chunks`` in place; returns the stats its compilations fill.
 
@@ -60,5 +72,6 @@ def compile_blocks(chunks: Iterable[nn.Module], backend: str = "inductor") -> Co
     stats = CompileStats()
     compiled_backend = stats.backend(backend)
     for block in decoder_blocks(chunks):
-        block.compile(backend=compiled_backend, dynamic=False)
+        for part in compiled_parts(block):
+            part.compile(backend=compiled_backend, dynamic=False)
     return stats
