@@ -219,6 +219,36 @@ def cmd_branch(source: str, new_run: str, overrides: List[str]) -> int:
     return 0
 
 
+def cmd_upcycle(source: str, new_run: str, overrides: List[str], router_seed: Optional[int], router_std: float,
+                optimizer: str) -> int:
+    """A new MoE run from a dense checkpoint: every MLP copied into experts, a new router."""
+    # Local for start-up speed (DCP and the model), not for a cycle.
+    from megacpm.checkpoint import CheckpointError
+    from megacpm.checkpoint.branch import resolve_checkpoint
+    from megacpm.checkpoint.upcycle import check_upcycle_source, create_upcycled_run, upcycle_defaults
+
+    if not 0 < router_std < float("inf"):
+        return _fail(f"--router-std: must be a positive number, got {router_std}", EXIT_USAGE)
+    try:
+        checkpoint = resolve_checkpoint(source)
+        check_upcycle_source(checkpoint)  # before the config: an MoE source is the clearer refusal
+    except CheckpointError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    cfg = load_config(str(checkpoint / CONFIG_FILE), [*upcycle_defaults(overrides), *overrides,
+                                                       f"--run.dir={new_run}"])
+    validate(cfg, world_size=1, check_data=True)
+    seed = cfg.train.seed if router_seed is None else router_seed
+    try:
+        path = create_upcycled_run(checkpoint, Path(new_run), cfg, overrides, router_seed=seed,
+                                   router_std=router_std, optimizer=optimizer)
+    except CheckpointError as exc:
+        return _fail(str(exc), EXIT_FAILURE)
+    m = cfg.model
+    print(f"upcycled {path} from {checkpoint} (step {checkpoint.name.split('_')[1]}): {m.num_experts} experts, "
+          f"top-{m.num_experts_per_tok}, router seed {seed}; continue it with: megacpm train {path}")
+    return 0
+
+
 def cmd_runs(root: str) -> int:
     from megacpm.checkpoint.branch import find_runs, format_tree  # local: start-up speed, as above
 
@@ -258,6 +288,20 @@ def build_parser() -> argparse.ArgumentParser:
                                           "a decay schedule or a new data mixture. The parent is not modified.")
     branch.add_argument("source", help="run directory or checkpoints/step_N directory")
     branch.add_argument("new_run", help="the new run directory (must not exist)")
+    upcycle = verbs.add_parser(
+        "upcycle", allow_abbrev=False, help="turn a dense checkpoint into a mixture-of-experts run",
+        description="Sparse upcycling: start NEW_RUN_DIR from the dense SOURCE (a run directory: its latest "
+                    "checkpoint; or one checkpoint directory) with every MLP copied into model.num_experts "
+                    "experts (default 8, top model.num_experts_per_tok = 2) and a new router. Further "
+                    "overrides as for branch. The parent is not modified.")
+    upcycle.add_argument("source", help="dense run directory or checkpoints/step_N directory")
+    upcycle.add_argument("new_run", help="the new run directory (must not exist)")
+    upcycle.add_argument("--router-seed", type=int, default=None,
+                         help="seed of the routers' N(0, std^2) draw, recorded in lineage.json (default: train.seed)")
+    upcycle.add_argument("--router-std", type=float, default=0.1, help="the routers' initial std (default 0.1)")
+    upcycle.add_argument("--optimizer", choices=("carry", "reset"), default="carry",
+                         help="carry: AdamW's moments go on (each expert takes its dense weight's, the router "
+                              "starts at zero); reset: a fresh optimizer (default carry)")
     runs = verbs.add_parser("runs", allow_abbrev=False, help="the tree of runs and branches under a directory")
     runs.add_argument("root", help="directory holding run directories")
     return parser
@@ -280,6 +324,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_train(args.config, overrides, kind=args.verb)
         if args.verb == "branch":
             return cmd_branch(args.source, args.new_run, overrides)
+        if args.verb == "upcycle":
+            return cmd_upcycle(args.source, args.new_run, overrides, args.router_seed, args.router_std,
+                               args.optimizer)
         if args.verb == "runs":
             return cmd_runs(args.root) if not overrides else _fail(f"unexpected arguments {overrides}", EXIT_USAGE)
         if args.verb == "info":

@@ -44,7 +44,7 @@ def resolve_checkpoint(source: str | Path) -> Path:
     raise CheckpointError(f"{path}: neither a run directory ({CONFIG_FILE}) nor a checkpoint ({TRAINER_STATE_FILE})")
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link (run files are replaced by renames, never rewritten in place, so sharing the inode
     is safe); a copy when the filesystems differ."""
     try:
@@ -61,7 +61,7 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
         relative = Path(dirpath).relative_to(source)
         (target / relative).mkdir(parents=True, exist_ok=True)
         for name in filenames:
-            _link_or_copy(Path(dirpath) / name, target / relative / name)
+            link_or_copy(Path(dirpath) / name, target / relative / name)
 
 
 # Model fields a branch may change although they are in SHAPE_FIELDS: none yet. A branch continues
@@ -77,10 +77,12 @@ def _override_spelling(key: str, overrides: Iterable[str]) -> str:
     return f"model.{key}"
 
 
-def check_branch_shape(checkpoint: Path, meta: Dict, config_yaml: str, overrides: Iterable[str]) -> None:
+def check_branch_shape(checkpoint: Path, meta: Dict, config_yaml: str, overrides: Iterable[str],
+                       allowed: Iterable[str] = ALLOWED_SHAPE_CHANGES) -> None:
     """Refuse a branch whose model shape differs from the checkpoint's (SHAPE_FIELDS, less the
-    explicit ALLOWED_SHAPE_CHANGES): its weights could never load. One line naming the key, the
-    checkpoint's value and the new one."""
+    explicitly ``allowed`` changes: upcycling's num_experts): its weights could never load. One line
+    naming the key, the checkpoint's value and the new one."""
+    allowed = frozenset(allowed)
     saved = meta.get("model")
     try:
         new = (yaml.safe_load(config_yaml) or {}).get("model") or {}
@@ -90,13 +92,20 @@ def check_branch_shape(checkpoint: Path, meta: Dict, config_yaml: str, overrides
         return  # an older checkpoint without its shape: the load's own check speaks at train time
     saved = saved_shape(saved)
     for key in SHAPE_FIELDS:
-        if key in ALLOWED_SHAPE_CHANGES or key not in new:
+        if key in allowed or key not in new:
             continue
         if saved[key] != new[key]:
             raise CheckpointError(
                 f"{_override_spelling(key, overrides)}: the checkpoint {checkpoint} has model.{key} = {saved[key]!r}, "
                 f"the branch asks for {new[key]!r}; a branch continues the checkpoint's weights, so the model's "
-                f"shape ({', '.join(SHAPE_FIELDS)}) cannot change")
+                f"shape ({', '.join(k for k in SHAPE_FIELDS if k not in allowed)}) cannot change")
+
+
+def lineage_record(checkpoint: Path, meta: Dict, overrides: Iterable[str]) -> Dict:
+    """lineage.json of a run started from ``checkpoint`` (its trainer state ``meta``)."""
+    return {"parent_run": str(checkpoint.parent.parent), "parent_checkpoint": str(checkpoint),
+            "step": int(meta["step"]), "tokens": int(meta["tokens"]),
+            "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
 
 
 def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: Iterable[str]) -> Path:
@@ -118,14 +127,11 @@ def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: 
         _link_or_copy_tree(checkpoint, checkpoints_dir(tmp) / checkpoint.name)
         (checkpoints_dir(tmp) / LATEST_FILE).write_text(checkpoint.name)
         (tmp / CONFIG_FILE).write_text(config_yaml)
-        lineage = {"parent_run": str(parent_run), "parent_checkpoint": str(checkpoint),
-                   "step": int(meta["step"]), "tokens": int(meta["tokens"]),
-                   "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
-        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage_record(checkpoint, meta, overrides), indent=1))
         if (parent_run / REFERENCE_FILE).is_file():
             # DPO's precomputed reference scores: derived data the branch's trainer checks against its
             # own data and initial weights (and rescores when they differ), so sharing is safe.
-            _link_or_copy(parent_run / REFERENCE_FILE, tmp / REFERENCE_FILE)
+            link_or_copy(parent_run / REFERENCE_FILE, tmp / REFERENCE_FILE)
     return new_run
 
 

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megacpm.checkpoint.catalog import (FORMAT_VERSION, SHAPE_FIELDS, CheckpointError, checkpoint_problem, saved_shape,
                                         latest_checkpoint, list_checkpoints, read_trainer_state)
-from megacpm.checkpoint.model_space import HostCopyStager, state_to_load, state_to_save
+from megacpm.checkpoint.model_space import MOMENTS, HostCopyStager, state_to_load, state_to_save
 from megacpm.config import Config, ModelConfig, dump_yaml
 from megacpm.io.atomic import TMP_PREFIX, fsync_dir, fsync_tree, remove_stale_tmp, write_text_atomic
 from megacpm.io.errors import describe_os_error
@@ -225,8 +225,16 @@ def save_weights(run_dir: str | Path, cfg: Config, weights: Dict[str, torch.Tens
                  state: Optional[TrainerState] = None) -> Path:
     """A weights-only checkpoint written by one process (the converter's output): model-space
     tensors by name. A run resuming from it starts a fresh optimizer (zero moments, step count 0)."""
-    return _save(run_dir, cfg, ParallelContext.single(), state or TrainerState(), lambda: {"model": weights},
-                 with_optimizer=False)
+    return save_model_space(run_dir, cfg, {"model": weights}, state or TrainerState())
+
+
+def save_model_space(run_dir: str | Path, cfg: Config, state_dict: Dict[str, Dict],
+                     state: TrainerState) -> Path:
+    """A checkpoint written by one process from whole model-space tensors, laid out as
+    megacpm.checkpoint.model_space describes ({"model": ...} and optionally "optim" and "buffers").
+    With "optim" a run resuming from it continues those AdamW moments at ``state.optimizer_steps``;
+    without, it starts a fresh optimizer. The RNG states saved are this process's."""
+    return _save(run_dir, cfg, ParallelContext.single(), state, lambda: state_dict, with_optimizer="optim" in state_dict)
 
 
 def _pointer_name(root: Path) -> Optional[str]:
@@ -379,6 +387,25 @@ def load_model_weights(path: str | Path, model: ShardedModel) -> None:
     local = _load_dcp(path, model, with_optimizer=False)
     for name, param in model.params_by_name().items():
         param.copy_(local[name]["master"])
+
+
+def read_state(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, Dict]:
+    """A checkpoint's whole model-space state in one process, whatever layout wrote it: {"model":
+    fp32 weights, "optim": {"exp_avg": ..., "exp_avg_sq": ...}} (the moments zero when the
+    checkpoint holds none: a weights-only one)."""
+    path = Path(path)
+    meta = read_trainer_state(path)
+    _check_model_shape(path, meta, model_cfg)
+    state = {"model": {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}}
+    if meta.get("optimizer", True):
+        state["optim"] = {key: {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
+                          for key in MOMENTS}
+    try:
+        _dcp_quiet(dcp.load, state, checkpoint_id=str(path / STATE_DIR))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{path / STATE_DIR}: cannot be read ({_first_cause(exc)})") from None
+    state.setdefault("optim", {key: {name: torch.zeros(shape) for name, shape in shapes.items()} for key in MOMENTS})
+    return state
 
 
 def read_weights(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:

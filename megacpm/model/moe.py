@@ -90,6 +90,12 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: 
     return kernels.grouped_matmul(F.silu(gate) * up, w2, counts)
 
 
+def draw_router(num_experts: int, hidden_size: int, std: float,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A new router's weight [E, hidden] ~ N(0, std^2) (sparse upcycling's), drawn in fp32 on the CPU."""
+    return torch.randn(num_experts, hidden_size, generator=generator) * std
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """out = output; backward: output's gradient as is, and ``scale`` as the aux loss's."""
 
@@ -144,7 +150,7 @@ class MoEMLP(nn.Module):
         self.w1.copy_(dense_gate.expand_as(self.w1))
         self.w3.copy_(dense_up.expand_as(self.w3))
         self.w2.copy_(dense_down.expand_as(self.w2))
-        self.gate.weight.copy_(torch.randn(self.gate.weight.shape, generator=generator) * router_std)
+        self.gate.weight.copy_(draw_router(self.num_experts, self.gate.weight.shape[1], router_std, generator))
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Routing, torch.Tensor]:
         """(output shaped like x, the routing, bool keep [tokens, k]) for x [..., hidden]."""
