@@ -32,15 +32,15 @@ def state_to_save(model: ShardedModel, optimizer: ShardedOptimizer) -> StateDict
     the exact values behind bf16 parameters otherwise). A copy (the last stage's tied embedding) is
     not saved: its original is.
     """
-    mesh = model.tp_mesh()
+    meshes = model.checkpoint_meshes()
     state = optimizer.state_by_name()
     saved: StateDict = {"model": {}, "optim": {key: {} for key in MOMENTS}}
     for name, param in model.params_by_name().items():
         if model.model_space_name(name, param) != name:
             continue
-        saved["model"][name] = model.global_view(state[name]["master"], param, mesh)
+        saved["model"][name] = model.global_view(state[name]["master"], param, meshes)
         for key in MOMENTS:
-            saved["optim"][key][name] = model.global_view(state[name][key], param, mesh)
+            saved["optim"][key][name] = model.global_view(state[name][key], param, meshes)
     buffers = model.router_biases()
     if buffers:
         saved["buffers"] = {name: buffer.detach().float() for name, buffer in buffers.items()}
@@ -54,7 +54,7 @@ def state_to_load(model: ShardedModel, with_optimizer: bool = True
     ``ShardedOptimizer.load_state_by_name`` afterwards, or copy the
     masters into the parameters for a model without an optimizer. Without the optimizer the
     moments stay zero (a fresh optimizer on loaded weights)."""
-    mesh = model.tp_mesh()
+    meshes = model.checkpoint_meshes()
     target: StateDict = {"model": {}}
     if with_optimizer:
         target["optim"] = {key: {} for key in MOMENTS}
@@ -62,9 +62,9 @@ def state_to_load(model: ShardedModel, with_optimizer: bool = True
     for name, param in model.params_by_name().items():
         key = model.model_space_name(name, param)
         local[name] = {m: torch.zeros_like(param, dtype=torch.float32) for m in STATE_KEYS}
-        target["model"][key] = model.global_view(local[name]["master"], param, mesh)
+        target["model"][key] = model.global_view(local[name]["master"], param, meshes)
         for m in MOMENTS if with_optimizer else ():
-            target["optim"][m][key] = model.global_view(local[name][m], param, mesh)
+            target["optim"][m][key] = model.global_view(local[name][m], param, meshes)
     buffers = model.router_biases()
     if buffers:
         target["buffers"] = buffers  # loaded in place

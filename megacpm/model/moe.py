@@ -123,9 +123,11 @@ def _whole(output: torch.Tensor) -> torch.Tensor:
 class MoEMLP(nn.Module):
     """E SwiGLU experts of (hidden, intermediate) behind a top-k router.
 
-    Injected when the model is sharded (megacpm.parallel.plans.plan_moe): ``complete_output``, what
+    Injected when the model is sharded: ``complete_output`` (megacpm.parallel.plans.plan_moe), what
     turns the combined expert outputs into the layer's output (the sum of the TP ranks' partial
-    outputs when the experts' intermediate dimension is split; the identity in one process).
+    outputs when the experts' intermediate dimension is split; the identity in one process), and
+    ``run_experts`` (megacpm.parallel.experts: the assignments sent to the EP ranks holding their
+    experts and back; grouped_swiglu over local experts in one process).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, num_experts_per_tok: int,
@@ -141,6 +143,7 @@ class MoEMLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.register_buffer("router_bias", torch.zeros(num_experts), persistent=False)
         self.complete_output = _whole
+        self.run_experts = grouped_swiglu
 
     @torch.no_grad()
     def upcycle_from(self, dense_gate: torch.Tensor, dense_up: torch.Tensor, dense_down: torch.Tensor,
@@ -161,7 +164,7 @@ class MoEMLP(nn.Module):
         order = torch.argsort(flat_experts, stable=True)  # assignments grouped by expert
         token_of = order // self.k
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
-        expert_out = grouped_swiglu(tokens[token_of], counts, self.w1, self.w3, self.w2)
+        expert_out = self.run_experts(tokens[token_of], counts, self.w1, self.w3, self.w2)
         weight = (routing.weights * keep).reshape(-1)[order].to(expert_out.dtype)
         combined = torch.zeros_like(tokens).index_add_(0, token_of, expert_out * weight[:, None])
         return self.complete_output(combined.view_as(x)), routing, keep

@@ -2,14 +2,17 @@
 gradient norm, clipping and the fp32-master AdamW (ZeRO-1), all driven by the parameters' ParamSpecs.
 
 - One GradBuffer (and its DistributedAdamW) per reduction group kind (``ParamSpec.reduced_over``:
-  "dp" for every dense parameter today; experts will reduce over "expert_dp"). Buffers SUM their
+  "dp" for every dense parameter; "expert_dp" for MoE experts, summed over the ranks holding the
+  same experts). Buffers SUM their
   replicas' gradients: an Objective divides each micro-batch's loss by the global normaliser of the
   step (megacpm.objectives), so the sum over replicas is the gradient of the global loss.
 - Partial gradients (``ParamSpec.partial_over``: SP norm gains and replicated kv projections over
   "tp", the two copies of a tied embedding over "embedding") are completed before the norm.
 - The norm counts every parameter once (``ParamSpec.counted_in_norm``): a buffer whose state is
-  sharded over its group (ZeRO-1) sums its disjoint slices over that group first; then the sum over
-  the ranks holding the distinct parts of one replica ("model_parallel": tp x cp x pp).
+  sharded over its group (ZeRO-1) sums its disjoint slices over that group first; a buffer whose
+  parameters are also split across replicas (experts over "ep", SPLIT_ACROSS_REPLICAS) sums over
+  that split next; then the sum over the ranks holding the distinct parts of one replica
+  ("model_parallel": tp x cp x pp).
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ from megacpm.optim.optimizer import param_groups
 from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.mappings import Group, group_size
 from megacpm.parallel.param_spec import param_spec
+
+
+# Buffers whose parameters are split over an axis of data-parallel ranks: the group kind holding
+# their distinct parts within a replica's share of the world.
+SPLIT_ACROSS_REPLICAS = {"expert_dp": "ep"}
 
 
 def all_reduce_(value: torch.Tensor, group: Group) -> torch.Tensor:
@@ -84,6 +92,8 @@ class ShardedOptimizer:
             squares = adamw.grad_norm_squared(counted)
             if adamw.sharded:
                 all_reduce_(squares, self.ctx.group(kind))  # disjoint slices over the replicas
+            if kind in SPLIT_ACROSS_REPLICAS:
+                all_reduce_(squares, self.ctx.group(SPLIT_ACROSS_REPLICAS[kind]))  # each EP rank's own experts
             total += squares
         return all_reduce_(total, self.ctx.group("model_parallel")).sqrt()
 

@@ -131,6 +131,15 @@ class ParallelLayout:
             return [group[i::self.ep] for group in self.groups(("dp",)) for i in range(self.ep)]
         raise KeyError(f"unknown group kind {kind!r} (kinds: {', '.join(GROUP_KINDS)})")
 
+    def expert_block(self, rank: int) -> List[List[int]]:
+        """[ep][tp] ranks holding, together, one copy of every expert with ``rank`` among them: its
+        EP group's members (consecutive DP ranks) and each one's TP group. The experts' checkpoint
+        mesh."""
+        coords = self.coords(rank)
+        first = coords["dp"] - coords["dp"] % self.ep
+        return [[self.rank_at(**{**coords, "dp": first + i, "tp": t}) for t in range(self.tp)]
+                for i in range(self.ep)]
+
     def describe(self) -> str:
         """``tp 2 x cp 1 x dp 4 x pp 2`` (+ vpp, ep when not 1)."""
         text = " x ".join(f"{axis} {self.size(axis)}" for axis in AXES)

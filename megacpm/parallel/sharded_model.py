@@ -23,6 +23,7 @@ from megacpm.model import MiniCPM
 from megacpm.model.compile import CompileStats, compile_blocks
 from megacpm.model.moe import MoEMLP
 from megacpm.parallel.context import ParallelContext
+from megacpm.parallel.experts import plan_expert_parallel
 from megacpm.parallel.layers import ColumnParallelLinear
 from megacpm.parallel.param_spec import ParamSpec, has_param_spec, param_spec, set_param_spec
 from megacpm.parallel.pipeline import PipelineSpec, run_forward_only, run_pipeline
@@ -64,6 +65,8 @@ class ShardedModel(nn.Module):
         model = MiniCPM(cfg, activation_checkpointing=activation_checkpointing)
         model.init_weights(generator)
         apply_tensor_parallel(model, ctx.group("tp"), sequence_parallel)
+        if cfg.is_moe:
+            plan_expert_parallel(model, ctx.group("ep"))
         pp, vpp = ctx.layout.pp, ctx.layout.vpp
         tied_across_stages = cfg.tie_word_embeddings and pp > 1
         chunks = []
@@ -109,23 +112,41 @@ class ShardedModel(nn.Module):
         """The name a parameter is saved and loaded under (a copy: the name of what it copies)."""
         return param_spec(param).copy_of or name
 
-    def tp_mesh(self):
-        """The TP group as a DeviceMesh (None without tensor parallelism), for DTensor views."""
-        if self.ctx.layout.tp == 1:
-            return None
+    def checkpoint_meshes(self) -> Dict[str, object]:
+        """The DeviceMeshes model-space views are laid over: "tp" (None without tensor parallelism)
+        and "experts" ([ep, tp] ranks holding one copy of every expert; None without expert
+        parallelism). Collective on first use in each process group (DeviceMesh.from_group)."""
         from torch.distributed.device_mesh import DeviceMesh
 
-        return DeviceMesh.from_group(self.ctx.group("tp"), self.ctx.device.type)
+        layout, device_type = self.ctx.layout, self.ctx.device.type
+        meshes: Dict[str, object] = {"tp": None, "experts": None}
+        if layout.tp > 1:
+            meshes["tp"] = DeviceMesh.from_group(self.ctx.group("tp"), device_type)
+        if layout.ep > 1:
+            block = torch.tensor(layout.expert_block(self.ctx.rank))
+            if layout.tp > 1:
+                meshes["experts"] = DeviceMesh.from_group([self.ctx.group("ep"), self.ctx.group("tp")], device_type,
+                                                          mesh=block, mesh_dim_names=("ep", "tp"))
+            else:
+                meshes["experts"] = DeviceMesh.from_group(self.ctx.group("ep"), device_type)
+        return meshes
 
-    def global_view(self, local: torch.Tensor, param: nn.Parameter, mesh) -> torch.Tensor:
-        """``local`` (shaped like this rank's ``param``) as a model-space tensor: a DTensor over the
-        TP group with Shard(dim) when the parameter is split, the plain tensor when replicated."""
+    def global_view(self, local: torch.Tensor, param: nn.Parameter, meshes: Dict[str, object]) -> torch.Tensor:
+        """``local`` (shaped like this rank's ``param``) as a model-space tensor: a DTensor with
+        Shard(dim) along each axis the parameter is split over (TP; EP and TP for experts), the plain
+        tensor when replicated."""
         spec = param_spec(param)
-        dim = spec.shard_dim("tp")
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if spec.shard_dim("ep") is not None:
+            tp_dim = spec.shard_dim("tp")
+            placements = [Shard(spec.shard_dim("ep"))]
+            if self.ctx.layout.tp > 1:
+                placements.append(Shard(tp_dim) if tp_dim is not None else Replicate())
+            return DTensor.from_local(local, meshes["experts"], placements, run_check=False)
+        dim, mesh = spec.shard_dim("tp"), meshes["tp"]
         if mesh is None or dim is None:
             return local
-        from torch.distributed.tensor import DTensor, Shard
-
         if spec.padded_rows is not None:
             # A padded vocabulary: only the real rows are model space, an uneven Shard(0) with
             # torch.chunk's split, which is how the padding was laid out.
@@ -134,7 +155,8 @@ class ShardedModel(nn.Module):
             shape = torch.Size((global_rows, *local.shape[1:]))
             stride = torch.empty(shape, device="meta").stride()
             return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
-        # No communication: every shard has the same shape, so the global shape is local * tp.
+        # No communication: every shard has the same shape, so the global shape is the local one
+        # times the split.
         return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
 
     # -- running micro-batches -------------------------------------------------------------------
