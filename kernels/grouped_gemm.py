@@ -288,11 +288,15 @@ class GroupedMatmulFunction(torch.autograd.Function):
 # PyTorch implementation and the functional API
 # --------------------------------------------------------------------------------------------------
 def grouped_matmul_torch(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """One matmul per group with rows (a host sync on counts): the reference semantics, autograd by torch."""
+    """One matmul per group with rows (a host sync on counts): the reference semantics, autograd by torch.
+
+    The groups' weights are taken by one ``unbind``: its backward stacks the groups' gradients once,
+    where indexing ``weight[e]`` per group would back-propagate a full-size zero gradient for each."""
     pieces, start = [], 0
+    per_group = weight.unbind(0)
     for group, count in enumerate(counts.tolist()):
         if count:
-            pieces.append(x[start:start + count] @ weight[group].t())
+            pieces.append(x[start:start + count] @ per_group[group].t())
         start += count
     if not pieces:  # no rows at all: an empty [0, N] that still depends on x and weight (zero gradients)
         return x @ weight.sum(0).t()

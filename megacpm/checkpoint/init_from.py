@@ -146,19 +146,23 @@ def local_part(full: "torch.Tensor", param: "nn.Parameter", ctx: "ParallelContex
     ``param``: the inverse of ShardedModel.global_view. A tensor-parallel weight is cut along its
     ParamSpec's shard dim into tp equal contiguous pieces (torch.chunk's split); a padded vocabulary
     (tp does not divide it) is first completed with zero rows, so the padding rows stay zero. A
-    replicated parameter gets ``full`` itself. (The cut is megacpm.parallel.layers.shard, the one
-    the plans shard the initial weights with.)"""
+    replicated parameter gets ``full`` itself; MoE experts are first cut along dim 0 into ep pieces
+    (this EP rank's experts). (The cut is megacpm.parallel.layers.shard, the one the plans shard the
+    initial weights with.)"""
     from megacpm.parallel.layers import shard
     from megacpm.parallel.param_spec import param_spec
 
     spec = param_spec(param)
-    unknown = sorted(set(spec.shard_dims) - {"tp"})
-    if unknown:  # no such parameter today (experts will be split over "ep"): refuse rather than guess
+    unknown = sorted(set(spec.shard_dims) - {"tp", "ep"})
+    if unknown:  # no such parameter: refuse rather than guess
         raise NotImplementedError(f"loading a model-space tensor into a parameter split over {unknown}")
+    part = full
+    if spec.shard_dim("ep") is not None:  # experts: this EP rank's contiguous E / ep of them
+        part = shard(part, spec.shard_dim("ep"), ctx.group("ep"))
     dim = spec.shard_dim("tp")
     if dim is None:
-        return full
-    return shard(full, dim, ctx.group("tp"), pad=spec.padded_rows is not None)
+        return part
+    return shard(part, dim, ctx.group("tp"), pad=spec.padded_rows is not None)
 
 
 def _shape_differences(source: Dict, model_cfg: "ModelConfig", where: str) -> List[str]:
