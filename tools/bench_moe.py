@@ -23,6 +23,14 @@ time is its median. Reported: step ms, tokens/s, how many times faster than dens
 (tokens/s ratios), and the achieved TFLOP/s of the expert (or dense MLP) matmuls: 18 * hidden * k * I
 FLOPs a token for forward + backward (the router's 6 * hidden * E is left out).
 
+--ep N (N > 1) also measures expert parallelism's dispatch in N gloo processes on this machine: each
+rank routes its own --tokens through one MoE layer whose experts are split over the N ranks
+(megacpm.parallel.experts), forward and backward under megacpm.parallel.comm_stats.CommAccounting.
+Reported per rank: the all-to-all bytes it sent, against the analytic volume 2 * (A + R) * hidden *
+bytes + E * 8, A its tokens * k assignments (dispatched forward, their gradients returned backward)
+and R the assignments its experts received (their outputs returned forward, gradients dispatched
+backward), plus the counts exchange; and the part that left the rank (rows of experts held elsewhere).
+
 The grouped GEMM impl moe gets is grouped_matmul's "auto": Triton on CUDA (or under TRITON_INTERPRET=1,
 Triton's CPU interpreter: then moe's time is the interpreter's), one matmul per expert otherwise; the
 report names it. --dtype auto is bf16 on CUDA and fp32 on the CPU; parameters and activations are in that
@@ -236,6 +244,57 @@ def measure(args) -> dict:
     }
 
 
+def _dispatch_worker(args) -> dict:
+    """One rank of --ep: an expert-parallel MoE layer forward + backward, its all-to-all bytes counted."""
+    from megacpm.parallel.comm_stats import CommAccounting
+    from megacpm.parallel.context import ParallelContext
+    from megacpm.parallel.experts import plan_expert_parallel
+
+    ctx = ParallelContext.initialize(ep=args.ep, timeout_s=120, device_type="cpu")
+    torch.manual_seed(args.seed)
+    moe = MoEMLP(args.hidden, args.intermediate, args.experts, args.top_k)
+    for weight in (moe.gate.weight, moe.w1, moe.w3, moe.w2):
+        torch.nn.init.normal_(weight, std=0.02)
+    plan_expert_parallel(moe, ctx.group("ep"))
+    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(args.seed + 1 + ctx.rank),
+                    requires_grad=True)
+    with CommAccounting(ctx) as accounting:
+        out, routing, _ = moe(x)
+        out.backward(torch.ones_like(out))
+    counts = torch.bincount(routing.experts.reshape(-1), minlength=args.experts)
+    everyone = counts.clone()
+    torch.distributed.all_reduce(everyone, group=ctx.group("ep"))
+    mine = slice(ctx.rank * args.experts // args.ep, (ctx.rank + 1) * args.experts // args.ep)
+    return {"summary": accounting.summary(), "assignments": int(counts.sum()), "received": int(everyone[mine].sum()),
+            "kept_on_rank": int(counts[mine].sum())}
+
+
+def measure_dispatch(args) -> dict:
+    from megacpm.parallel.local_launch import run_distributed
+
+    element = 4  # fp32 on the CPU
+    ranks = []
+    for rank, r in enumerate(run_distributed(_dispatch_worker, args.ep, args=(args,), timeout=600)):
+        # The EP group's all-to-alls (named by the first role of its ranks: "dp" when ep = dp).
+        exchanges = [v for k, v in r["summary"].items() if k.endswith(".all_to_all")]
+        counted = {"bytes": sum(v["bytes"] for v in exchanges), "calls": sum(v["calls"] for v in exchanges)}
+        # Sent: its assignments (forward dispatch, backward of the return) and the outputs of those it
+        # received (forward return, backward of the dispatch); the counts once.
+        analytic = 2 * (r["assignments"] + r["received"]) * args.hidden * element + args.experts * 8
+        off_rank = 2 * (r["assignments"] + r["received"] - 2 * r["kept_on_rank"]) * args.hidden * element
+        ranks.append({"rank": rank, "bytes": counted["bytes"], "calls": counted["calls"], "analytic_bytes": analytic,
+                      "off_rank_bytes": off_rank, "x_analytic": counted["bytes"] / analytic})
+    return {"ep": args.ep, "ranks": ranks}
+
+
+def print_dispatch(d: dict) -> None:
+    print(f"expert-parallel dispatch over {d['ep']} gloo ranks (one MoE layer, forward + backward, fp32):")
+    print(f"  {'rank':>4} {'all-to-all bytes':>17} {'calls':>6} {'analytic':>12} {'x analytic':>11} {'off-rank':>12}")
+    for r in d["ranks"]:
+        print(f"  {r['rank']:>4} {r['bytes']:>17,} {r['calls']:>6} {r['analytic_bytes']:>12,} {r['x_analytic']:>11.4f} "
+              f"{r['off_rank_bytes']:>12,}")
+
+
 def print_table(r: dict) -> None:
     empty = sum(1 for c in r["expert_rows"] if c == 0)
     print(f"MoE layer forward + backward on {r['device']}, {r['dtype']}: {r['tokens']} tokens, hidden {r['hidden']}, "
@@ -290,8 +349,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--seed", type=int, default=0, help="the weights', input's and output gradient's seed")
+    parser.add_argument("--ep", type=_positive, default=1,
+                        help="also measure the dispatch bytes over this many expert-parallel gloo ranks (1: no)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
+    if args.experts % args.ep:
+        parser.error(f"argument --ep: {args.ep} does not divide --experts {args.experts}")
     if args.top_k > args.experts:
         parser.error(f"argument --top-k: {args.top_k} is more than --experts {args.experts}")
     return args
@@ -302,10 +365,14 @@ def main(argv=None) -> int:
 
     def body() -> int:
         result = measure(args)
+        if args.ep > 1:
+            result["dispatch"] = measure_dispatch(args)
         if args.json:
             print(json.dumps(result))
         else:
             print_table(result)
+            if args.ep > 1:
+                print_dispatch(result["dispatch"])
         return 0
 
     return run_tool(PROG, body, {UsageError: 2, MismatchError: 1})

@@ -73,3 +73,16 @@ def test_bench_moe_script_usage_error_is_one_line():
                          timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["bench_moe.py: error: argument --top-k: 3 is more than --experts 2"]
+
+
+@pytest.mark.slow
+def test_expert_parallel_dispatch_moves_exactly_the_analytic_bytes():
+    """--ep 2: the all-to-all bytes counted on each rank equal the volume its routing implies."""
+    result = subprocess.run([sys.executable, str(TOOL), *TINY, "--device", "cpu", "--ep", "2", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    dispatch = json.loads(result.stdout)["dispatch"]
+    assert [r["rank"] for r in dispatch["ranks"]] == [0, 1]
+    for r in dispatch["ranks"]:
+        assert r["calls"] == 5  # the counts, the dispatch and the return, and the two in the backward
+        assert r["bytes"] == r["analytic_bytes"] and 0 < r["off_rank_bytes"] < r["bytes"]
