@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 from megacpm.checkpoint.branch import resolve_checkpoint
-from megacpm.checkpoint.manager import CheckpointError, read_weights
+from megacpm.checkpoint.manager import CheckpointError, read_router_biases, read_weights
 from megacpm.config import Config, ConfigError, ModelConfig, load_config
 from megacpm.config.loader import config_from_dict
 from megacpm.io.atomic import atomic_directory
@@ -418,9 +418,18 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if is_hf_directory(path):
         cfg = model_config_from_hf(path)
         weights = read_hf_weights(path, cfg)
+        biases = {}
     else:
         config, weights = read_megacpm(path)
         cfg = config.model
+        biases = read_router_biases(megacpm_config(path)[0], cfg)
     model = MiniCPM(cfg)
     model.load_state_dict(weights, strict=True)
-    return model.to(device=device or torch.device("cpu"), dtype=dtype).eval()
+    with torch.no_grad():
+        for name, bias in biases.items():  # an MoE run's balancing biases: part of how it routes
+            model.get_buffer(name).copy_(bias)
+    model = model.to(device=device or torch.device("cpu"), dtype=dtype).eval()
+    for layer in model.layers:
+        if layer.is_moe:
+            layer.mlp.router_bias = layer.mlp.router_bias.float()  # the biases stay fp32, as in training
+    return model

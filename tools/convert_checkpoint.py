@@ -120,11 +120,16 @@ def hf_to_megacpm(args) -> str:
 
 
 def megacpm_to_hf(args) -> str:
+    from megacpm.checkpoint.manager import read_router_biases
     from megacpm.huggingface import DTYPES, megacpm_config, read_megacpm, refuse_llama_moe, write_hf_directory
+    from megacpm.io.errors import print_warning
 
     checkpoint, cfg = megacpm_config(Path(args.input))
     refuse_llama_moe(cfg.model, args.llama_format, checkpoint / CONFIG_FILE)  # before reading any weights
     cfg, weights = read_megacpm(Path(args.input))
+    if any(bias.any() for bias in read_router_biases(checkpoint, cfg.model).values()):
+        print_warning(f"{checkpoint}: the routers' auxiliary-loss-free balancing biases are not part of the "
+                      "Hugging Face MiniCPM-MoE layout; the exported model routes without them")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     directory = write_hf_directory(Path(args.output), cfg.model, weights, DTYPES[args.dtype], llama=args.llama_format,
                                    max_shard_bytes=args.max_shard_size)

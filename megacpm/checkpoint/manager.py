@@ -408,6 +408,24 @@ def read_state(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch
     return state
 
 
+def read_router_biases(path: str | Path, model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """An MoE checkpoint's router biases (auxiliary-loss-free balancing's routing state) by
+    model-space name, whole, in one process; {} for a dense model or a checkpoint without them."""
+    if not model_cfg.is_moe:
+        return {}
+    path = Path(path)
+    state_dir = path / STATE_DIR
+    try:
+        saved = dcp.FileSystemReader(str(state_dir)).read_metadata().state_dict_metadata
+        names = [key.split(".", 1)[1] for key in saved if key.startswith("buffers.")]
+        biases = {name: torch.zeros(model_cfg.num_experts) for name in names}
+        if biases:
+            _dcp_quiet(dcp.load, {"buffers": biases}, checkpoint_id=str(state_dir))
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(f"{state_dir}: cannot be read ({_first_cause(exc)})") from None
+    return biases
+
+
 def read_weights(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch.Size]) -> Dict[str, torch.Tensor]:
     """A checkpoint's fp32 model-space weights, whole, in one process (whatever layout wrote them)."""
     path = Path(path)

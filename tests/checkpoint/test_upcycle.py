@@ -5,6 +5,9 @@ loss, since every expert is the dense MLP and a token's routing weights sum to 1
 the documented optimizer rule, and an uninterrupted MoE run for the resume.
 """
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from megacpm.huggingface import expected_shapes
 from tests.support import run_cli
 
 pytestmark = pytest.mark.slow
+CONVERTER = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 
 SMALL = ["--model.hidden_size=64", "--model.intermediate_size=160", "--model.num_hidden_layers=2",
          "--model.num_attention_heads=4", "--model.num_key_value_heads=2", "--model.vocab_size=1024",
@@ -106,6 +110,18 @@ def test_an_upcycled_run_with_balancing_resumes_exactly(dense, tmp_path):
     for step in range(5, 11):
         for key in ("loss", "grad_norm", "moe/aux_loss", "moe/max_load/0", "moe/max_load/1"):
             assert got[step][key] == want[step][key], (step, key)
+    # The biases travel with the run: load_pretrained routes with them. Six sign-rule steps of 0.05
+    # from zero leave each one a multiple of 0.05 of at most 0.3 in size, not all zero.
+    bias = torch.cat([layer.mlp.router_bias for layer in load_pretrained(whole).layers])
+    steps = torch.round(bias / 0.05)
+    assert bias.dtype == torch.float32 and steps.abs().max() <= 6 and steps.abs().sum() > 0
+    torch.testing.assert_close(bias, steps * 0.05, rtol=0, atol=1e-6)
+    # The Hugging Face layout has no place for them: the export says so and still writes.
+    exported = subprocess.run([sys.executable, str(CONVERTER), "--from", "megacpm", "--to", "hf", "--input", str(whole),
+                               "--output", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    assert "balancing biases are not part of the Hugging Face" in exported.stderr
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_upcycling_refuses_bad_sources_in_one_line(dense, tmp_path):
