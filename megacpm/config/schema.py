@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Literal, Optional, Union, get_args
 AttentionImpl = Literal["auto", "sdpa", "flash", "eager"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16"]
+CpAttention = Literal["all_gather", "ring"]  # megacpm.parallel.context_parallel's two cores
 ScheduleKind = Literal["wsd", "cosine", "constant"]
 DecayShape = Literal["exp", "linear", "cosine", "1-sqrt"]
 DataSource = Literal["embedded", "text", "megatron", "sft", "preference"]
@@ -108,7 +109,12 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: int = 1
-    cp: int = 1  # context parallel (the sequence split over ranks): 1 until long-context training lands
+    # Context parallel: each sequence split over cp ranks (head-tail chunks, balanced causal work);
+    # train.seq_len must be divisible by 2 * cp.
+    cp: int = 1
+    # How attention sees the other cp ranks' keys: "all_gather" (K and V gathered, then each chunk
+    # against its global prefix) or "ring" (K and V passed peer to peer, overlapped with compute).
+    cp_attention: CpAttention = "all_gather"
     ep: int = 1  # expert parallel: experts split over blocks of ep data-parallel ranks (expert-DP = dp / ep)
     sp: bool = False
     zero1: bool = False

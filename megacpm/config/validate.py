@@ -207,8 +207,8 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         _positive(f"parallel.{key}", getattr(p, key))
     if p.timeout_s > MAX_TIMEOUT_S:
         raise ConfigError(f"parallel.timeout_s: must be at most {MAX_TIMEOUT_S:g} seconds, got {p.timeout_s:g}")
-    if p.cp != 1:
-        raise ConfigError("parallel.cp: context parallelism is not available yet (the axis exists with size 1)")
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
     if p.ep > 1 and not m.num_experts:
         raise ConfigError(f"parallel.ep: expert parallelism ({p.ep}) needs an MoE model (model.num_experts > 0)")
     if m.num_experts % p.ep:
@@ -243,6 +243,24 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                 f"parallel.vpp: the interleaved schedule needs the micro-batches per step ({per_rank} = "
                 f"train.global_batch_size / (train.micro_batch_size * dp)) to be a multiple of parallel.pp {p.pp}"
             )
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """What parallel.cp > 1 needs: the head-tail split of train.seq_len, and the features it does not
+    combine with, each one line."""
+    p, seq_len = cfg.parallel, cfg.train.seq_len
+    if seq_len % (2 * p.cp):
+        raise ConfigError(f"parallel.cp: train.seq_len {seq_len} is not divisible by 2 * parallel.cp = {2 * p.cp} "
+                          f"(each sequence is cut into 2 * cp chunks, two per rank)")
+    if p.sp and (seq_len // p.cp) % p.tp:
+        raise ConfigError(f"parallel.sp: parallel.tp {p.tp} does not divide the {seq_len // p.cp} tokens of a "
+                          f"sequence per context-parallel rank (train.seq_len / parallel.cp)")
+    if cfg.model.attention_dropout > 0:
+        raise ConfigError(f"parallel.cp: attention dropout ({cfg.model.attention_dropout}) is not supported under "
+                          f"context parallelism; set model.attention_dropout to 0")
+    if cfg.objective.kind == "dpo":
+        raise ConfigError("parallel.cp: objective.kind dpo does not run under context parallelism yet (a "
+                          "pair's log-probability sums over the whole sequence); use parallel.cp 1")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

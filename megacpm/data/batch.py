@@ -137,7 +137,19 @@ def shard_batch(batch: Batch, dp_rank: int, dp_size: int, cp_rank: int = 0, cp_s
     if mine.position_ids is None:
         positions = torch.arange(batch.seq_len, device=batch.input_ids.device).expand(per_rank, -1)
         mine = replace(mine, position_ids=positions)
-    chunk = batch.seq_len // (2 * cp_size)
-    keep = torch.cat([torch.arange(r * chunk, (r + 1) * chunk) for r in (cp_rank, 2 * cp_size - 1 - cp_rank)])
-    keep = keep.to(batch.input_ids.device)
+    keep = context_parallel_index(cp_rank, cp_size, batch.seq_len, batch.input_ids.device)
     return mine.map(lambda t: t, seq_fn=lambda t: t.index_select(1, keep))
+
+
+def head_tail_chunks(cp_rank: int, cp_size: int) -> tuple:
+    """The two of a sequence's 2 * cp_size chunks that context-parallel rank ``cp_rank`` holds:
+    (cp_rank, 2 * cp_size - 1 - cp_rank), an early and a late one, so every rank has the same
+    causal-attention work. The one home of the split."""
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def context_parallel_index(cp_rank: int, cp_size: int, seq_len: int, device=None) -> torch.Tensor:
+    """int64 [seq_len / cp_size]: the sequence positions rank ``cp_rank``'s tokens hold, in its order."""
+    chunk = seq_len // (2 * cp_size)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device)
+                      for c in head_tail_chunks(cp_rank, cp_size)])

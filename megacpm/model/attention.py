@@ -66,21 +66,57 @@ def document_boundaries(document_ids: torch.Tensor) -> Tuple[torch.Tensor, int]:
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                     impl: str = "sdpa", dropout_p: float = 0.0) -> torch.Tensor:
+    """Attention under an explicit mask: ``allowed`` (bool, broadcastable to [batch, 1, q_len,
+    k_len]) is True where query i may attend key j. ``impl`` "eager" (matmul + fp32 softmax) or
+    "sdpa"; the query and key lengths may differ."""
+    if impl == "eager":
+        n_heads = q.shape[2]
+        k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        if dropout_p > 0:
+            probs = F.dropout(probs, dropout_p)
+        return torch.matmul(probs, v).transpose(1, 2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                     document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    seq_len, n_heads = q.shape[1], q.shape[2]
-    k, v = repeat_kv(k, n_heads), repeat_kv(v, n_heads)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    seq_len = q.shape[1]
     if document_ids is None:
-        hidden = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).triu(1)
+        allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     else:
-        hidden = ~document_causal_mask(document_ids)
-    scores = scores.masked_fill(hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    if dropout_p > 0:
-        probs = F.dropout(probs, dropout_p)
-    return torch.matmul(probs, v).transpose(1, 2)
+        allowed = document_causal_mask(document_ids)
+    return masked_attention(q, k, v, allowed, "eager", dropout_p)
+
+
+def attention_at_end(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "auto", dropout_p: float = 0.0,
+                     q_document_ids: Optional[torch.Tensor] = None,
+                     k_document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of queries that are the last ``q_len`` positions of the keys' range (the
+    bottom-right-aligned causal mask: query i sees keys j <= k_len - q_len + i), e.g. a context-
+    parallel chunk against the global prefix ending with it. SDPA's ``is_causal`` is top-left
+    aligned when the lengths differ, hence the explicit mask; flash-attn's ``causal`` is bottom-right
+    aligned (flash-attn >= 2.1) and is used when "auto"/"flash" may and there is no document mask.
+    ``q_document_ids`` [batch, q_len] and ``k_document_ids`` [batch, k_len]: a document mask."""
+    q_len, k_len = q.shape[1], k.shape[1]
+    if q_document_ids is None and impl in ("auto", "flash") and q.is_cuda and q.dtype in HALF_DTYPES:
+        flash_attn_func = flash_attn_function()
+        if flash_attn_func is not None:
+            return flash_attn_func(q, k.to(q.dtype), v.to(q.dtype), dropout_p=dropout_p,
+                                   softmax_scale=1.0 / math.sqrt(q.shape[-1]), causal=True)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    if q_document_ids is not None:
+        same_document = q_document_ids[:, :, None] == k_document_ids[:, None, :]
+        allowed = (allowed & same_document)[:, None]
+    return masked_attention(q, k, v, allowed, "eager" if impl == "eager" else "sdpa", dropout_p)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,

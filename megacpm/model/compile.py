@@ -58,10 +58,19 @@ def decoder_blocks(chunks: Iterable[nn.Module]) -> List[nn.Module]:
 
 
 def compiled_parts(block: nn.Module) -> List[nn.Module]:
-    """What of a decoder block is compiled: the block itself, or an MoE block's norms and attention."""
-    if getattr(block, "is_moe", False):
-        return [block.input_layernorm, block.self_attn, block.post_attention_layernorm]
-    return [block]
+    """What of a decoder block is compiled: the block itself, or, around the parts that stay eager
+    (an MoE mixture's data-dependent shapes; an attention core that communicates, as under context
+    parallelism), the norms and the rest."""
+    moe = getattr(block, "is_moe", False)
+    communicating_attention = getattr(block.self_attn.attention_fn, "communicates", False)
+    if not moe and not communicating_attention:
+        return [block]
+    parts = [block.input_layernorm, block.post_attention_layernorm]
+    if not communicating_attention:
+        parts.append(block.self_attn)
+    if not moe:
+        parts.append(block.mlp)
+    return parts
 
 
 def compile_blocks(chunks: Iterable[nn.Module], backend: str = "inductor") -> CompileStats:

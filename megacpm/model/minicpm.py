@@ -202,8 +202,9 @@ class MiniCPM(nn.Module):
     Injected when the model is sharded (the model imports nothing from megacpm.parallel):
     ``output_loss`` (the LM head's summed loss: the fused linear cross entropy here, its
     vocab-parallel form under tensor parallelism), each Attention's ``attention_fn`` and
-    ``dropout_rng``, and ``sequence_shards`` (how many ranks share each sequence's hidden states
-    between layers: tp under sequence parallelism).
+    ``dropout_rng``, ``sequence_shards`` (how many ranks share each sequence's hidden states
+    between layers: tp under sequence parallelism) and ``context_shards`` (how many ranks share each
+    sequence's tokens: cp under context parallelism; RoPE tables are sized by the global length).
     """
 
     def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False,
@@ -213,6 +214,7 @@ class MiniCPM(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens
         self.output_loss: OutputLoss = fused_output_loss
         self.sequence_shards = 1
+        self.context_shards = 1
         self.is_first = self.is_last = True
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = LayerStack({i: DecoderLayer(cfg, activation_checkpointing, index=i)
@@ -228,7 +230,7 @@ class MiniCPM(nn.Module):
         final norm and LM head (``last``): the same modules, not copies."""
         part = MiniCPM.__new__(MiniCPM)
         nn.Module.__init__(part)
-        for name in ("cfg", "loss_chunk_tokens", "output_loss", "sequence_shards"):
+        for name in ("cfg", "loss_chunk_tokens", "output_loss", "sequence_shards", "context_shards"):
             setattr(part, name, getattr(self, name))
         part.is_first, part.is_last = first, last
         part.embed_tokens = self.embed_tokens if first else None
@@ -268,7 +270,9 @@ class MiniCPM(nn.Module):
         else:
             h = x
             seq_len = h.shape[1] * self.sequence_shards
-        cos, sin = self.rotary(seq_len, h.device)
+        # The global length: the dynamic-NTK base depends on it, and context-parallel position ids
+        # index the whole sequence's table.
+        cos, sin = self.rotary(seq_len * self.context_shards, h.device)
         if position_ids is not None:  # per-token tables [batch, seq, head_dim]
             cos, sin = cos[position_ids], sin[position_ids]
         for layer in self.layers:

@@ -2,8 +2,8 @@
 gradient norm, clipping and the fp32-master AdamW (ZeRO-1), all driven by the parameters' ParamSpecs.
 
 - One GradBuffer (and its DistributedAdamW) per reduction group kind (``ParamSpec.reduced_over``:
-  "dp" for every dense parameter; "expert_dp" for MoE experts, summed over the ranks holding the
-  same experts). Buffers SUM their
+  "dp_cp" for every dense parameter, the data-parallel and context-parallel ranks; "expert_dp" for
+  MoE experts, summed over the ranks holding the same experts). ZeRO-1 shards over that group. Buffers SUM their
   replicas' gradients: an Objective divides each micro-batch's loss by the global normaliser of the
   step (megacpm.objectives), so the sum over replicas is the gradient of the global loss.
 - Partial gradients (``ParamSpec.partial_over``: SP norm gains and replicated kv projections over
@@ -12,7 +12,7 @@ gradient norm, clipping and the fp32-master AdamW (ZeRO-1), all driven by the pa
   sharded over its group (ZeRO-1) sums its disjoint slices over that group first; a buffer whose
   parameters are also split across replicas (experts over "ep", SPLIT_ACROSS_REPLICAS) sums over
   that split next; then the sum over the ranks holding the distinct parts of one replica
-  ("model_parallel": tp x cp x pp).
+  ("model_parallel": tp x pp).
 """
 from __future__ import annotations
 

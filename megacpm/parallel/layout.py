@@ -12,11 +12,12 @@ inside a node when tp divides the GPUs per node):
 
 Expert parallelism does not add ranks: ``ep`` splits each DP group into ep-sized blocks of
 consecutive DP ranks (the experts are sharded over a block; "expert_dp" reduces the expert
-gradients over the blocks), so it must divide dp.
+gradients over the blocks and over the cp ranks, which hold the same experts for other tokens), so
+it must divide dp.
 
 A group is named by the axes it spans: ``groups(("tp",))`` are the TP groups, ``groups(("dp",
-"cp"))`` the ranks over which a dense gradient is reduced, ``groups(("tp", "cp", "pp"))`` the
-ranks holding the distinct parts of one replica (the gradient-norm group). Adding an axis is adding
+"cp"))`` the ranks over which a dense gradient is reduced, ``groups(("tp", "pp"))`` the ranks
+holding the distinct parameter parts of one replica (the gradient-norm group). Adding an axis is adding
 a size here, not re-deriving every group. Pure functions of the sizes: testable without any process
 group, and importable without torch.
 """
@@ -35,7 +36,9 @@ GROUP_AXES: Dict[str, Tuple[str, ...]] = {
     "dp": ("dp",),
     "pp": ("pp",),
     "dp_cp": ("dp", "cp"),  # dense gradients: every replica and every sequence shard
-    "model_parallel": ("tp", "cp", "pp"),  # the distinct parts of one replica: the grad-norm group
+    # The distinct parameter parts of one replica: the grad-norm group. Context parallelism splits
+    # tokens, never parameters: cp ranks hold copies, reduced with the replicas (dp_cp).
+    "model_parallel": ("tp", "pp"),
 }
 GROUP_KINDS = (*GROUP_AXES, "embedding", "ep", "expert_dp")
 
@@ -128,7 +131,9 @@ class ParallelLayout:
         if kind == "ep":
             return [group[i:i + self.ep] for group in self.groups(("dp",)) for i in range(0, self.dp, self.ep)]
         if kind == "expert_dp":
-            return [group[i::self.ep] for group in self.groups(("dp",)) for i in range(self.ep)]
+            # The ranks of one (tp, pp) position at the same place in their EP block, any cp.
+            return [[r for r in group if self.coords(r)["dp"] % self.ep == i]
+                    for group in self.groups(("dp", "cp")) for i in range(self.ep)]
         raise KeyError(f"unknown group kind {kind!r} (kinds: {', '.join(GROUP_KINDS)})")
 
     def expert_block(self, rank: int) -> List[List[int]]:

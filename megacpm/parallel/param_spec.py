@@ -13,8 +13,9 @@ Fields:
 - ``partial_over``: process-group kinds over which each rank's gradient is only a partial sum,
   completed by an all-reduce before clipping (an SP norm gain over "tp"; the two copies of a tied
   embedding over "embedding").
-- ``reduced_over``: the group kind its gradient is reduced over across replicas ("dp"; "dp_cp"
-  with context parallelism; "expert_dp" for experts).
+- ``reduced_over``: the group kind its gradient is reduced over across replicas ("dp_cp": the
+  data-parallel replicas and the context-parallel ranks, which hold copies for other tokens;
+  "expert_dp" for experts).
 - ``copy_of``: the model-space name of the parameter this one is a copy of (the last pipeline
   stage's copy of a tied embedding): saved and counted under that name, on its owner only.
 
@@ -31,7 +32,8 @@ import torch
 
 # Axes whose ranks hold parts of one model replica: a parameter not split over one of them has a
 # copy on each of its ranks (identical once partial gradients are completed).
-REPLICA_AXES = ("tp", "cp")
+# (cp ranks hold copies too, but are reduced with the data-parallel replicas: "dp_cp".)
+REPLICA_AXES = ("tp",)
 _ATTRIBUTE = "_megacpm_param_spec"
 
 
@@ -40,7 +42,7 @@ class ParamSpec:
     shard_dims: Mapping[str, int] = field(default_factory=dict)
     padded_rows: Optional[Tuple[int, int]] = None
     partial_over: Tuple[str, ...] = ()
-    reduced_over: str = "dp"
+    reduced_over: str = "dp_cp"
     copy_of: Optional[str] = None
 
     def __post_init__(self) -> None:

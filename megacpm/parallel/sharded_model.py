@@ -23,6 +23,7 @@ from megacpm.model import MiniCPM
 from megacpm.model.compile import CompileStats, compile_blocks
 from megacpm.model.moe import MoEMLP
 from megacpm.parallel.context import ParallelContext
+from megacpm.parallel.context_parallel import plan_context_parallel
 from megacpm.parallel.experts import plan_expert_parallel
 from megacpm.parallel.layers import ColumnParallelLinear
 from megacpm.parallel.param_spec import ParamSpec, has_param_spec, param_spec, set_param_spec
@@ -58,7 +59,8 @@ class ShardedModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, sequence_parallel: bool = False,
                  activation_checkpointing: bool = False, generator: Optional[torch.Generator] = None,
-                 param_dtype: torch.dtype = torch.float32, compile: bool = False):
+                 param_dtype: torch.dtype = torch.float32, compile: bool = False,
+                 context_parallel_attention: str = "all_gather"):
         super().__init__()
         self.cfg, self.ctx, self.param_dtype = cfg, ctx, param_dtype
         self.sequence_parallel = sequence_parallel
@@ -67,6 +69,7 @@ class ShardedModel(nn.Module):
         apply_tensor_parallel(model, ctx.group("tp"), sequence_parallel)
         if cfg.is_moe:
             plan_expert_parallel(model, ctx.group("ep"))
+        plan_context_parallel(model, ctx.group("cp"), context_parallel_attention)
         pp, vpp = ctx.layout.pp, ctx.layout.vpp
         tied_across_stages = cfg.tie_word_embeddings and pp > 1
         chunks = []

@@ -71,7 +71,8 @@ def reference_model(cfg: Config, ctx: ParallelContext, param_dtype: torch.dtype,
     """A frozen copy of the run's initial weights on this layout: train.init_from's, or (without
     it) the seeded initialisation every rank builds the policy from."""
     model = ShardedModel(cfg.model, ctx, sequence_parallel=cfg.parallel.sp,
-                         generator=torch.Generator().manual_seed(cfg.train.seed), param_dtype=param_dtype)
+                         generator=torch.Generator().manual_seed(cfg.train.seed), param_dtype=param_dtype,
+                         context_parallel_attention=cfg.parallel.cp_attention)
     if source is not None:
         load_initial_weights(source, cfg.model, model)
     for param in model.parameters():

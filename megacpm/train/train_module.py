@@ -51,7 +51,8 @@ class TrainModule:
         p, t = cfg.parallel, cfg.train
         self.model = ShardedModel(cfg.model, ctx, sequence_parallel=p.sp,
                                   activation_checkpointing=t.activation_checkpointing, generator=generator,
-                                  param_dtype=param_dtype, compile=t.compile)
+                                  param_dtype=param_dtype, compile=t.compile,
+                                  context_parallel_attention=p.cp_attention)
         self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
         self.objective = objective or build_objective(cfg.objective)
         # The last step's global assignments per (layer, expert), for the router-bias update that

@@ -65,7 +65,7 @@ def _step_traffic(parallel):
     step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
     with CommAccounting(ctx) as comm:
         step.step(global_batches(1)[0], LR)
-    return comm.summary(), step.optimizer.buffers["dp"].buffer.numel() * 4
+    return comm.summary(), step.optimizer.buffers["dp_cp"].buffer.numel() * 4
 
 
 def test_data_parallel_reduces_the_gradient_buffer_once_per_step():

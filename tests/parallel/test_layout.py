@@ -26,14 +26,17 @@ def test_tp_is_fastest_and_groups_partition_the_world():
 
 
 def test_context_and_expert_axes():
-    # cp sits between tp and dp; ep blocks consecutive DP ranks, expert_dp strides over the blocks.
+    # cp sits between tp and dp; ep blocks consecutive DP ranks, expert_dp strides over the blocks
+    # and spans cp (cp ranks hold the same experts for other tokens); cp splits no parameter, so
+    # the gradient-norm group (model_parallel) leaves it out.
     layout = ParallelLayout(world_size=16, tp=2, cp=2, ep=2)
     assert layout.dp == 4
     assert layout.named_groups("cp")[0] == [0, 2]
     assert layout.named_groups("dp")[0] == [0, 4, 8, 12]
     assert layout.named_groups("dp_cp")[0] == [0, 2, 4, 6, 8, 10, 12, 14]
     assert layout.named_groups("ep")[:2] == [[0, 4], [8, 12]]
-    assert layout.named_groups("expert_dp")[:2] == [[0, 8], [4, 12]]
+    assert layout.named_groups("expert_dp")[:2] == [[0, 2, 8, 10], [4, 6, 12, 14]]
+    assert layout.named_groups("model_parallel")[0] == [0, 1]
     for kind in ("cp", "dp", "dp_cp", "ep", "expert_dp", "model_parallel"):
         assert sorted(r for g in layout.named_groups(kind) for r in g) == list(range(16)), kind
     with pytest.raises(LayoutError, match=r"parallel\.ep"):

@@ -32,7 +32,8 @@ def test_an_unannotated_parameter_is_an_error():
 @pytest.mark.parametrize("spec, coords, counted", [
     (ParamSpec(shard_dims={"tp": 0}), {"tp": 1, "cp": 0}, True),  # split: every rank's part counts
     (ParamSpec(), {"tp": 1, "cp": 0}, False),  # replicated over tp: rank 0 only
-    (ParamSpec(), {"tp": 0, "cp": 1}, False),  # replicated over cp: rank 0 only
+    # cp ranks are reduced with the replicas (dp_cp): each counts its own reduced copy or ZeRO slice
+    (ParamSpec(), {"tp": 0, "cp": 1}, True),
     (ParamSpec(), {"tp": 0, "cp": 0, "dp": 3, "pp": 1}, True),
     (ParamSpec(shard_dims={"tp": 0}, copy_of="embed_tokens.weight"), {"tp": 0}, False),  # a copy: never
 ])
