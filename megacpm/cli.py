@@ -211,7 +211,7 @@ def cmd_branch(source: str, new_run: str, overrides: List[str]) -> int:
     cfg = load_config(str(checkpoint / CONFIG_FILE), [*overrides, f"--run.dir={new_run}"])
     validate(cfg, world_size=1, check_data=True)
     try:
-        path = create_branch(checkpoint, Path(new_run), dump_yaml(cfg), overrides)
+        path = create_branch(checkpoint, Path(new_run), cfg, overrides)
     except CheckpointError as exc:
         return _fail(str(exc), EXIT_FAILURE)
     print(f"branched {path} from {checkpoint} (step {checkpoint.name.split('_')[1]}); "

@@ -49,7 +49,7 @@ from _entry import run_tool  # noqa: E402
 
 from megacpm.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
 from megacpm.checkpoint.branch import create_branch, resolve_checkpoint  # noqa: E402
-from megacpm.config import Config, ConfigError, dump_yaml, load_config, validate  # noqa: E402
+from megacpm.config import Config, ConfigError, load_config, validate  # noqa: E402
 from megacpm.config.schema import DECAY_SHAPES  # noqa: E402
 from megacpm.io.atomic import write_text_atomic  # noqa: E402
 from megacpm.io.errors import describe_decode_error, describe_os_error  # noqa: E402
@@ -206,7 +206,7 @@ def create_branches(run: Path, branches: Sequence[Branch]) -> None:
             print(f"reusing {branch.directory}", flush=True)
             continue
         checkpoint = resolve_checkpoint(checkpoints_dir(run) / step_dir_name(branch.step))
-        create_branch(checkpoint, branch.directory, dump_yaml(branch.cfg), branch.overrides)
+        create_branch(checkpoint, branch.directory, branch.cfg, branch.overrides)
         print(f"branched {branch.directory} from {checkpoint}: decay {branch.cfg.schedule.decay} over steps "
               f"{branch.step + 1}..{branch.step + branch.decay_steps}", flush=True)
 

@@ -13,6 +13,7 @@ at all.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -25,6 +26,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from megacpm.checkpoint.catalog import SHAPE_FIELDS, CheckpointError, latest_checkpoint, read_trainer_state, saved_shape
+from megacpm.checkpoint.reshape import RESHAPE_FIELDS, check_reshape, parent_model, reshaped_state
+from megacpm.config import Config, dump_yaml
 from megacpm.io.atomic import TMP_PREFIX, atomic_directory
 from megacpm.io.errors import decode_cause, os_error_cause
 from megacpm.io.run_dir import (CHECKPOINTS_DIR, CONFIG_FILE, LATEST_FILE, LINEAGE_FILE, REFERENCE_FILE,
@@ -64,10 +67,10 @@ def _link_or_copy_tree(source: Path, target: Path) -> None:
             link_or_copy(Path(dirpath) / name, target / relative / name)
 
 
-# Model fields a branch may change although they are in SHAPE_FIELDS: none yet. A branch continues
-# the checkpoint's weights, so every tensor keeps its shape. Later issues add documented shape changes
-# (e.g. MoE upcycling: a dense FFN copied into experts) here, each with the code that maps the weights.
-ALLOWED_SHAPE_CHANGES: frozenset = frozenset()
+# Model fields a branch may change although they are in SHAPE_FIELDS: untying the embeddings and
+# growing the vocabulary, mapped by megacpm.checkpoint.reshape. A branch otherwise continues the
+# checkpoint's weights, so every tensor keeps its shape (upcycling, megacpm upcycle, adds experts).
+ALLOWED_SHAPE_CHANGES: frozenset = RESHAPE_FIELDS
 
 
 def _override_spelling(key: str, overrides: Iterable[str]) -> str:
@@ -108,24 +111,70 @@ def lineage_record(checkpoint: Path, meta: Dict, overrides: Iterable[str]) -> Di
             "consumed_samples": int(meta["consumed_samples"]), "overrides": list(overrides)}
 
 
-def create_branch(checkpoint: Path, new_run: Path, config_yaml: str, overrides: Iterable[str]) -> Path:
-    """Assemble the branch run directory ``new_run`` from ``checkpoint`` (see the module docstring).
+def write_derived_checkpoint(run_dir: Path, cfg: Config, state: Dict[str, Dict], meta: Dict, checkpoint: Path,
+                             optimizer_steps: Optional[int] = None) -> Path:
+    """A checkpoint of ``run_dir`` holding ``state`` (model space, ``cfg``'s shape) that continues
+    ``checkpoint`` (its trainer state ``meta``): the parent's step, tokens, samples and data position,
+    its AdamW step count (unless ``optimizer_steps``) and every rank's RNG state. The branch-like
+    runs whose weights are a function of the parent's write one (upcycling, a reshaping branch)."""
+    from megacpm.checkpoint.manager import TrainerState, save_model_space  # local: DCP and the model
+    from megacpm.io.run_dir import rng_file
+
+    carried = {key: int(meta.get(key, 0)) for key in ("step", "consumed_samples", "tokens", "data_start", "seq_len")}
+    steps = int(meta["optimizer_steps"]) if optimizer_steps is None else optimizer_steps
+    trainer_state = TrainerState(optimizer_steps=steps, data_signature=str(meta.get("data_signature", "")), **carried)
+    saved = save_model_space(run_dir, cfg, state, trainer_state)
+    rng_dir = rng_file(saved, 0).parent
+    for source in rng_file(checkpoint, 0).parent.glob("rank_*.json"):
+        (rng_dir / source.name).unlink(missing_ok=True)
+        link_or_copy(source, rng_dir / source.name)
+    return saved
+
+
+def _reshaped_checkpoint_state(checkpoint: Path, meta: Dict, cfg: Config) -> Dict[str, Dict]:
+    """The parent's model-space state in the branch's shape (megacpm.checkpoint.reshape)."""
+    from megacpm.checkpoint.manager import read_router_biases, read_state  # local: DCP and the model
+    from megacpm.huggingface import expected_shapes
+
+    parent = parent_model(cfg.model, saved_shape(meta["model"]))
+    state = reshaped_state(read_state(checkpoint, parent, expected_shapes(parent)), parent, cfg.model)
+    biases = read_router_biases(checkpoint, parent)
+    if biases:
+        state["buffers"] = biases
+    if not meta.get("optimizer", True):
+        state.pop("optim")  # a weights-only parent: the branch starts a fresh optimizer too
+    return state
+
+
+def create_branch(checkpoint: Path, new_run: Path, cfg: Config, overrides: Iterable[str]) -> Path:
+    """Assemble the branch run directory ``new_run`` from ``checkpoint`` with config ``cfg`` (see
+    the module docstring).
 
     Refused before anything is written: an unusable checkpoint, an existing ``new_run``, and a
-    config that changes the model's shape (check_branch_shape). What branching is for (schedule,
-    optim.lr, the data mixture, train.steps, ...) may change freely."""
+    config that changes the model's shape (check_branch_shape) other than by untying the embeddings
+    or growing the vocabulary; those two write the branch its own checkpoint, the parent's state in
+    the new shape (megacpm.checkpoint.reshape). What branching is for (schedule, optim.lr, the data
+    mixture, train.steps, train.seq_len, RoPE's base and scaling, ...) may change freely."""
     checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
     overrides = list(overrides)
+    config_yaml = dump_yaml(cfg)
     meta = read_trainer_state(checkpoint)  # validated: refuses an incomplete, corrupt or foreign checkpoint first
     check_branch_shape(checkpoint, meta, config_yaml, overrides)
+    reshape = isinstance(meta.get("model"), dict) and check_reshape(
+        saved_shape(meta["model"]), dataclasses.asdict(cfg.model), lambda key: _override_spelling(key, overrides),
+        checkpoint)
     if new_run.exists():
         raise CheckpointError(f"{new_run}: already exists; a branch is created in a new directory")
     if checkpoint_step(checkpoint) is None:
         raise CheckpointError(f"{checkpoint}: not a checkpoints/step_N directory")
     parent_run = checkpoint.parent.parent
+    state = _reshaped_checkpoint_state(checkpoint, meta, cfg) if reshape else None
     with atomic_directory(new_run) as tmp:
-        _link_or_copy_tree(checkpoint, checkpoints_dir(tmp) / checkpoint.name)
-        (checkpoints_dir(tmp) / LATEST_FILE).write_text(checkpoint.name)
+        if reshape:
+            write_derived_checkpoint(tmp, cfg, state, meta, checkpoint)
+        else:
+            _link_or_copy_tree(checkpoint, checkpoints_dir(tmp) / checkpoint.name)
+            (checkpoints_dir(tmp) / LATEST_FILE).write_text(checkpoint.name)
         (tmp / CONFIG_FILE).write_text(config_yaml)
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage_record(checkpoint, meta, overrides), indent=1))
         if (parent_run / REFERENCE_FILE).is_file():

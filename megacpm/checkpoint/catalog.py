@@ -64,7 +64,7 @@ def read_trainer_state(path: PathLike) -> Dict[str, Any]:
         value = meta.get(key)
         if type(value) is not int or value < 0:
             raise CheckpointError(f"{meta_path}: field {key!r} is {value!r}, expected a non-negative integer")
-    for key, kind in (("data_start", int), ("data_signature", str), ("model", dict)):
+    for key, kind in (("data_start", int), ("data_signature", str), ("seq_len", int), ("model", dict)):
         if key in meta and not isinstance(meta[key], kind):
             raise CheckpointError(f"{meta_path}: field {key!r} is {meta[key]!r}, expected {kind.__name__}")
     return meta

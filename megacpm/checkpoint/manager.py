@@ -71,6 +71,9 @@ class TrainerState:
     # starts that mixture's stream from its beginning.
     data_start: int = 0
     data_signature: str = ""
+    # train.seq_len of the samples counted (0: a checkpoint from before it was recorded). A run that
+    # resumes with another length continues its stream at the same token count.
+    seq_len: int = 0
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -375,7 +378,8 @@ def load_checkpoint(path: str | Path, cfg: Config, trainable: Trainable, with_op
                               f"cannot be restored") from None
     return TrainerState(step=int(meta["step"]), optimizer_steps=int(meta["optimizer_steps"]),
                         consumed_samples=int(meta["consumed_samples"]), tokens=int(meta["tokens"]),
-                        data_start=int(meta.get("data_start", 0)), data_signature=str(meta.get("data_signature", "")))
+                        data_start=int(meta.get("data_start", 0)), data_signature=str(meta.get("data_signature", "")),
+                        seq_len=int(meta.get("seq_len", 0)))
 
 
 @torch.no_grad()
@@ -396,15 +400,15 @@ def read_state(path: str | Path, model_cfg: ModelConfig, shapes: Dict[str, torch
     path = Path(path)
     meta = read_trainer_state(path)
     _check_model_shape(path, meta, model_cfg)
-    state = {"model": {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}}
-    if meta.get("optimizer", True):
-        state["optim"] = {key: {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
-                          for key in MOMENTS}
+    def zeros() -> Dict[str, torch.Tensor]:
+        return {name: torch.zeros(shape, dtype=torch.float32) for name, shape in shapes.items()}
+
+    state = {"model": zeros(), "optim": {key: zeros() for key in MOMENTS}}
+    target = state if meta.get("optimizer", True) else {"model": state["model"]}  # weights-only: moments stay 0
     try:
-        _dcp_quiet(dcp.load, state, checkpoint_id=str(path / STATE_DIR))
+        _dcp_quiet(dcp.load, target, checkpoint_id=str(path / STATE_DIR))
     except (Exception, CheckpointException) as exc:
         raise CheckpointError(f"{path / STATE_DIR}: cannot be read ({_first_cause(exc)})") from None
-    state.setdefault("optim", {key: {name: torch.zeros(shape) for name, shape in shapes.items()} for key in MOMENTS})
     return state
 
 

@@ -34,11 +34,11 @@ from typing import Dict, Iterable, List
 
 import torch
 
-from megacpm.checkpoint.branch import check_branch_shape, lineage_record, link_or_copy
+from megacpm.checkpoint.branch import check_branch_shape, lineage_record, write_derived_checkpoint
 from megacpm.checkpoint.catalog import CheckpointError, read_trainer_state, saved_shape
 from megacpm.config import Config, dump_yaml
 from megacpm.io.atomic import atomic_directory
-from megacpm.io.run_dir import CONFIG_FILE, LINEAGE_FILE, rng_file
+from megacpm.io.run_dir import CONFIG_FILE, LINEAGE_FILE
 
 DEFAULT_EXPERTS, DEFAULT_TOP_K = 8, 2  # MiniCPM-MoE-8x2B
 ROUTER_STD = 0.1  # MiniCPM-MoE's router initialisation, N(0, 0.1^2)
@@ -93,7 +93,7 @@ def create_upcycled_run(checkpoint: Path, new_run: Path, cfg: Config, overrides:
     """Assemble the upcycled run ``new_run`` from the dense ``checkpoint`` (see the module
     docstring). Refused before anything is written: a source that is already MoE, a config that
     changes the model's shape other than by adding experts, an existing ``new_run``."""
-    from megacpm.checkpoint.manager import TrainerState, read_state, save_model_space  # local: DCP, the model
+    from megacpm.checkpoint.manager import read_state  # local: DCP, the model
     from megacpm.huggingface import expected_shapes
 
     checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
@@ -107,19 +107,12 @@ def create_upcycled_run(checkpoint: Path, new_run: Path, cfg: Config, overrides:
     parent_cfg = _dense_config(cfg)
     dense = read_state(checkpoint, parent_cfg.model, expected_shapes(parent_cfg.model))
     state = upcycled_state(dense, cfg, router_seed, router_std, optimizer)
-    carried = {key: int(meta.get(key, 0)) for key in ("step", "consumed_samples", "tokens", "data_start")}
-    trainer_state = TrainerState(optimizer_steps=int(meta["optimizer_steps"]) if optimizer == "carry" else 0,
-                                 data_signature=str(meta.get("data_signature", "")), **carried)
     lineage = lineage_record(checkpoint, meta, overrides)
     lineage["upcycle"] = {"num_experts": cfg.model.num_experts, "num_experts_per_tok": cfg.model.num_experts_per_tok,
                           "router_seed": router_seed, "router_std": router_std, "optimizer": optimizer}
     with atomic_directory(new_run) as tmp:
-        saved = save_model_space(tmp, cfg, state, trainer_state)
-        # The parent's RNG states (every rank's) continue in the upcycled run, as in a branch.
-        rng_dir = rng_file(saved, 0).parent
-        for source in rng_file(checkpoint, 0).parent.glob("rank_*.json"):
-            (rng_dir / source.name).unlink(missing_ok=True)
-            link_or_copy(source, rng_dir / source.name)
+        # The parent's counters and RNG states (every rank's) continue in the upcycled run, as in a branch.
+        write_derived_checkpoint(tmp, cfg, state, meta, checkpoint, None if optimizer == "carry" else 0)
         (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1))
     return new_run

@@ -15,11 +15,15 @@ from megacpm.config import ModelConfig, OptimConfig
 from megacpm.parallel.param_spec import has_param_spec, param_spec
 
 EMBEDDING = "embed_tokens.weight"
+# An untied LM head trains under the embedding's rule: it begins as the tied embedding's copy when
+# a branch unties (megacpm.checkpoint.reshape), so its learning rate does not jump, and with
+# model.mup_embedding_as_matrix false it is muP's readout (its 1/m is in the forward: lr unscaled).
+EMBEDDING_RULE = (EMBEDDING, "lm_head.weight")
 
 
 def _is_embedding(name: str) -> bool:
     # Suffix match: wrappers (DDP's "module.", torch.compile's "_orig_mod.") prefix the names.
-    return name == EMBEDDING or name.endswith("." + EMBEDDING)
+    return any(name == kind or name.endswith("." + kind) for kind in EMBEDDING_RULE)
 
 
 def _named(model: Union[nn.Module, Mapping[str, nn.Parameter]]):
@@ -34,8 +38,8 @@ def param_groups(model: Union[nn.Module, Mapping[str, nn.Parameter]], model_cfg:
     """The "matrix" (lr / m), "embedding" (lr) and "vector" (lr, no weight decay) groups of a
     module or of {name: parameter}; empty groups are omitted and every parameter appears once.
 
-    A pipeline's last stage holds a copy of a tied embedding (its ParamSpec's copy_of): the
-    embedding's rules apply to it."""
+    A pipeline's last stage holds a copy of a tied embedding (its ParamSpec's copy_of), an untied
+    model an LM head: the embedding's rules apply to both."""
     named = _named(model)
     embedding_ids = {id(p) for name, p in named
                      if _is_embedding(name) or (has_param_spec(p) and param_spec(p).copy_of == EMBEDDING)}

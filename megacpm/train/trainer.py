@@ -193,7 +193,21 @@ class Trainer:
                 self.state.data_start = self.state.consumed_samples
                 self._message(f"the data config differs from the checkpoint's: its stream starts at step "
                               f"{self.state.step + 1} from its first sample")
+            elif self.state.seq_len and self.state.seq_len != self.cfg.train.seq_len:
+                self._continue_stream_at_new_length()
         self.state.data_signature = signature
+        self.state.seq_len = self.cfg.train.seq_len
+
+    def _continue_stream_at_new_length(self) -> None:
+        """A resumed run (a long-context branch) with another train.seq_len: the same stream of
+        samples, now of the new length, continues at the same token count (the position counts
+        samples: position * old length tokens were read)."""
+        old, new = self.state.seq_len, self.cfg.train.seq_len
+        position = self.state.consumed_samples - self.state.data_start
+        continued = -(-position * old // new)
+        self.state.data_start = self.state.consumed_samples - continued
+        self._message(f"train.seq_len is {new}, the checkpoint's samples had {old} tokens: the stream continues at "
+                      f"sample {continued} of {new} tokens (sample {position} of {old})")
 
     @functools.cached_property
     def _init_source(self):

@@ -28,9 +28,15 @@ TOOL = Path(__file__).resolve().parents[2] / "tools" / "convert_checkpoint.py"
 VOCAB = 101  # prime: the tp=2 load below exercises the padded vocabulary too
 
 
+# The untied model is MiniCPM-2.4B-128K's configuration in miniature: RoPE base 1e6, dynamic NTK
+# scaling by 4 past 65,536 positions (its config.json's fields, which must survive both ways).
+LONG_CONTEXT = dict(rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 4.0}, max_position_embeddings=65536)
+
+
 def model_config(tied):
     return ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, dim_model_base=16, tie_word_embeddings=tied)
+                       num_key_value_heads=2, vocab_size=VOCAB, dim_model_base=16, tie_word_embeddings=tied,
+                       **({} if tied else LONG_CONTEXT))
 
 
 def hf_tensors(tied, seed=0):
@@ -44,7 +50,7 @@ def write_hf(directory, tied, layout="safetensors"):
     cfg = model_config(tied)
     fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "vocab_size", "dim_model_base", "tie_word_embeddings", "scale_emb", "scale_depth", "rope_theta",
-              "rms_norm_eps", "max_position_embeddings")
+              "rms_norm_eps", "max_position_embeddings", "rope_scaling")
     (directory / "config.json").write_text(json.dumps({"architectures": ["MiniCPMForCausalLM"], "model_type": "minicpm",
                                                        **{k: getattr(cfg, k) for k in fields}}))
     tensors = hf_tensors(tied)
@@ -85,6 +91,9 @@ def test_round_trip_is_bit_exact(tmp_path, tied, layout):
     config = json.loads((tmp_path / "back" / "config.json").read_text())
     assert config["architectures"] == ["MiniCPMForCausalLM"] and config["tie_word_embeddings"] == tied
     assert (config["scale_emb"], config["scale_depth"], config["dim_model_base"]) == (12.0, 1.4, 16)
+    source_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key in ("rope_theta", "rope_scaling", "max_position_embeddings", "tie_word_embeddings", "vocab_size"):
+        assert config.get(key) == source_config[key], key
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = [megacpm.load_pretrained(p)(ids) for p in (tmp_path / "hf", tmp_path / "run", tmp_path / "back")]
