@@ -5,7 +5,9 @@ and two moments (12 bytes per parameter, divided by dp under ZeRO-1), the activa
 backward of the schedule's in-flight micro-batches, and the loss head: the workspace of the path
 the model trains through (megacpm.kernels.fused_linear_cross_entropy_workspace_bytes: one chunk of
 logits, the fp32 weight-gradient accumulator, the hidden gradient), whatever the tensor-parallel
-size. MoE experts are split over ep.
+size. MoE experts are split over ep. Context parallelism splits every sequence over cp ranks: a
+rank keeps the activations of seq_len / cp tokens, plus, with the all-gather core, the gathered K and
+V of the other ranks' tokens; ZeRO-1 shards over dp x cp.
 DPO counts a pair's two rows per sample, and ``objective.reference: live`` its frozen copy of
 the weights. Not counted: allocator fragmentation, the CUDA context, communication buffers. It is an
 estimate to choose a layout with, not a promise.
@@ -33,9 +35,11 @@ def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> float:
     input; MLP half: norm input and output, gate, up, silu(gate), their product. The projections'
     outputs are split over TP; the norms' tensors are split too under sequence parallelism. An MoE
     layer keeps those four per routed copy of the token (k of them), plus each copy's dispatched
-    input and expert output and the fp32 router logits and probabilities.
+    input and expert output and the fp32 router logits and probabilities. Under context
+    parallelism with the all-gather core, a token's rank also keeps the K and V of cp - 1 tokens of
+    the other ranks (the gathered sequence); the ring keeps only its own.
     """
-    m, tp = cfg.model, cfg.parallel.tp
+    m, tp, cp = cfg.model, cfg.parallel.tp, cfg.parallel.cp
     kv_width = m.num_key_value_heads * m.head_dim
     replicated = 4 * m.hidden_size * act_bytes  # two norms' inputs and outputs
     copies = m.num_experts_per_tok if m.is_moe else 1
@@ -43,6 +47,8 @@ def activation_bytes_per_token_per_layer(cfg: Config, act_bytes: int) -> float:
              + 4 * m.num_attention_heads)
     if m.is_moe:
         replicated += 2 * copies * m.hidden_size * act_bytes + 2 * 4 * m.num_experts
+    if cp > 1 and cfg.parallel.cp_attention == "all_gather":
+        split += 2 * kv_width * act_bytes * (cp - 1)
     if cfg.parallel.sp:
         replicated /= tp
     return replicated + split / tp
@@ -68,15 +74,20 @@ def rows_per_micro_batch(cfg: Config) -> int:
     return cfg.train.micro_batch_size * OBJECTIVES[cfg.objective.kind].rows_per_sample
 
 
+def tokens_per_micro_batch(cfg: Config) -> int:
+    """Tokens of one micro-batch on one rank: its rows' share of each sequence (seq_len / cp)."""
+    return rows_per_micro_batch(cfg) * cfg.train.seq_len // cfg.parallel.cp
+
+
 def loss_head_bytes(cfg: Config, device_type: str) -> int:
     """The LM head's workspace on one rank for one micro-batch: its share of the vocabulary
-    (ceil(vocab / tp) rows, padding included) over micro_batch_size * seq_len tokens (the whole
-    sequence: sequence parallelism gathers it before the head), in the dtype the run trains in."""
+    (ceil(vocab / tp) rows, padding included) over the rank's micro_batch_size * seq_len / cp
+    tokens (sequence parallelism gathers them before the head), in the dtype the run trains in."""
     m, t, tp = cfg.model, cfg.train, cfg.parallel.tp
     dtype = torch.bfloat16 if t.uses_bf16(device_type) else torch.float32
     local_vocab = -(-m.vocab_size // tp)
     return fused_linear_cross_entropy_workspace_bytes(
-        rows_per_micro_batch(cfg) * t.seq_len, m.hidden_size, local_vocab, compute_dtype=dtype, hidden_dtype=dtype,
+        tokens_per_micro_batch(cfg), m.hidden_size, local_vocab, compute_dtype=dtype, hidden_dtype=dtype,
         weight_dtype=dtype, triton_path=device_type == "cuda")
 
 
@@ -91,7 +102,7 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
     experts_per_rank = expert_params // (p.tp * p.pp * p.ep)
     params_per_rank = dense_per_rank + experts_per_rank
     act_bytes = 2 if t.uses_bf16(device_type) else 4
-    tokens = rows_per_micro_batch(cfg) * t.seq_len
+    tokens = tokens_per_micro_batch(cfg)
     micro_batches = max(1, t.global_batch_size // (t.micro_batch_size * dp))
     layers_per_chunk = m.num_hidden_layers // (p.pp * p.vpp)
     per_layer = activation_bytes_per_token_per_layer(cfg, act_bytes) * tokens
@@ -105,8 +116,9 @@ def estimate_training_memory(cfg: Config, num_params: int, device_type: str = "c
     estimate = {
         "weights": params_per_rank * act_bytes,
         "grads": params_per_rank * GRAD_BYTES,
-        "optimizer": int(dense_per_rank * OPTIMIZER_BYTES / (dp if p.zero1 else 1)
-                         + experts_per_rank * OPTIMIZER_BYTES / (max(1, dp // p.ep) if p.zero1 else 1)),
+        # ZeRO-1 shards over the ranks a gradient is reduced over: dp x cp (experts: dp / ep x cp).
+        "optimizer": int(dense_per_rank * OPTIMIZER_BYTES / (dp * p.cp if p.zero1 else 1)
+                         + experts_per_rank * OPTIMIZER_BYTES / (max(1, dp // p.ep) * p.cp if p.zero1 else 1)),
         "activations": int(activations),
         "loss_head": loss_head_bytes(cfg, device_type),
     }

@@ -75,6 +75,11 @@ def test_bad_overrides_name_the_key(override, fragment):
     ("--parallel.sp=true", "parallel.sp"),
     ("--parallel.vpp=2", "parallel.vpp"),
     ("--parallel.pp=2 --parallel.vpp=2 --train.global_batch_size=4", "micro-batches per step"),
+    ("--parallel.cp=2 --train.seq_len=126", "parallel.cp: train.seq_len 126 is not divisible by 2"),
+    ("--parallel.cp=3 --train.seq_len=258", "parallel.pp = 3 does not divide the world size 4"),
+    ("--parallel.cp=2 --model.attention_dropout=0.1", "parallel.cp: attention dropout"),
+    ("--parallel.cp=2 --parallel.cp_attention=p2p", "parallel.cp_attention"),
+    ("--parallel.cp=2 --objective.kind=dpo --data.source=preference", "parallel.cp: objective.kind dpo"),
 ])
 def test_semantic_validation_names_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):

@@ -89,3 +89,25 @@ def test_a_dpo_pair_counts_two_rows_and_live_adds_the_frozen_weights():
     assert "reference" not in one_pair
     live = estimate("dpo", 1, "live")
     assert live["reference"] == live["weights"] and live["total"] == one_pair["total"] + live["weights"]
+
+
+@pytest.mark.parametrize("cp_attention", ["ring", "all_gather"])
+def test_context_parallel_ranks_keep_their_share_of_each_sequence(cp_attention):
+    from megacpm.train.memory import estimate_training_memory
+
+    def estimate(seq_len, cp=1, world=1):
+        cfg = make_config(64, 512, 2, seq_len, 1)
+        cfg.train.global_batch_size = 8
+        cfg.parallel.cp, cfg.parallel.cp_attention, cfg.parallel.zero1 = cp, cp_attention, True
+        return estimate_training_memory(cfg, 10_000, device_type="cpu", world_size=world), cfg
+
+    (sharded, cfg), (short, _) = estimate(256, cp=4, world=4), estimate(64)
+    # A cp rank holds a cp = 1 rank's activations at seq_len / cp, its loss head too ...
+    gathered = 0
+    if cp_attention == "all_gather":  # ... plus the K and V gathered from the other 3 ranks, every layer
+        m = cfg.model
+        gathered = m.num_hidden_layers * 2 * 64 * 2 * m.num_key_value_heads * m.head_dim * 4 * 3
+    assert sharded["activations"] == short["activations"] + gathered
+    assert sharded["loss_head"] == short["loss_head"]
+    # ... and ZeRO-1 shards its optimizer state over dp x cp = 4 ranks.
+    assert sharded["optimizer"] == short["optimizer"] // 4
