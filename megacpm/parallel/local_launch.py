@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch
@@ -51,16 +52,24 @@ def run_distributed(fn, world_size: int, args=(), timeout: float = 240.0):
     for proc in procs:
         proc.start()
     collected, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = results.get(timeout=timeout)
+        while len(collected) < world_size and not errors:
+            try:
+                rank, status, value = results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                # A child that died before reporting (it could not even unpickle ``fn``, or was
+                # killed) never will: say so now instead of at the deadline.
+                dead = [r for r, proc in enumerate(procs) if r not in collected and proc.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"ranks {dead} exited (codes {[procs[r].exitcode for r in dead]}) without a result")
+                elif time.monotonic() >= deadline:
+                    errors.append(f"timed out after {timeout}s; ranks done: {sorted(collected)}")
+                continue
             if status == "ok":
                 collected[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
-                errors.append(f"rank {rank} failed:\n{value}")
-                break  # the others may now hang in a collective: stop waiting
-    except queue.Empty:
-        errors.append(f"timed out after {timeout}s; ranks done: {sorted(collected)}")
+                errors.append(f"rank {rank} failed:\n{value}")  # the others may now hang: stop waiting
     finally:
         for proc in procs:
             proc.join(timeout=5 if errors else 30)
