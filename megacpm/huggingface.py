@@ -36,6 +36,7 @@ from megacpm.io.atomic import atomic_directory
 from megacpm.io.errors import describe_decode_error, describe_os_error
 from megacpm.io.run_dir import CONFIG_FILE
 from megacpm.model import MiniCPM
+from megacpm.model.params import parameter_shapes
 
 HF_PREFIX = "model."
 CONFIG = "config.json"
@@ -252,8 +253,8 @@ def _read_file(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def expected_shapes(cfg: ModelConfig) -> Dict[str, torch.Size]:
-    with torch.device("meta"):
-        return {name: p.shape for name, p in MiniCPM(cfg).named_parameters()}
+    """The model-space shapes a checkpoint of ``cfg`` holds (megacpm.model.params.parameter_shapes)."""
+    return parameter_shapes(cfg)
 
 
 def _hf_name(name: str) -> str:

@@ -94,7 +94,7 @@ def create_upcycled_run(checkpoint: Path, new_run: Path, cfg: Config, overrides:
     docstring). Refused before anything is written: a source that is already MoE, a config that
     changes the model's shape other than by adding experts, an existing ``new_run``."""
     from megacpm.checkpoint.manager import read_state  # local: DCP, the model
-    from megacpm.huggingface import expected_shapes
+    from megacpm.model.params import parameter_shapes as expected_shapes
 
     checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
     overrides = list(overrides)

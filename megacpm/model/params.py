@@ -1,4 +1,4 @@
-"""Parameter counts of a config, from the model built on the meta device (no memory)."""
+"""Parameter counts and shapes of a config, from the model built on the meta device (no memory)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -9,6 +9,12 @@ from megacpm.config import ModelConfig
 from megacpm.model.minicpm import MiniCPM
 
 EXPERT_WEIGHTS = ("mlp.w1", "mlp.w2", "mlp.w3")  # megacpm.model.moe.MoEMLP's stacked experts
+
+
+def parameter_shapes(cfg: ModelConfig) -> Dict[str, torch.Size]:
+    """{model-space name: shape} of every parameter of the model ``cfg`` describes."""
+    with torch.device("meta"):
+        return {name: p.shape for name, p in MiniCPM(cfg).named_parameters()}
 
 
 def count_parameters(cfg: ModelConfig) -> Dict[str, int]:
