@@ -28,6 +28,10 @@ def free_port() -> int:
 def _child(fn, rank, world_size, port, args, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The machine's cores shared among the ranks, as torchrun's OMP_NUM_THREADS=1 does: each
+    # rank's default of every core oversubscribes them, and gloo's collectives then wait on
+    # descheduled peers (world 4 on 2 cores: steps 10x slower).
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         # Serialised here, not by the queue: a tensor pickled by the queue would live in shared
         # memory that vanishes when this child exits, possibly before the parent reads it.

@@ -9,18 +9,23 @@ import torch
 from megacpm.parallel.context import ParallelContext
 from megacpm.train.train_module import TrainModule
 from tests.distributed import run_distributed
-from tests.tiny_run import LR, global_batches, make_config, reference_run
+from tests.tiny_run import LR, VOCAB, global_batches, make_config, reference_run
 
 pytestmark = pytest.mark.slow
 STEPS = 4
 
 
-def _parallel_losses(parallel):
-    cfg = make_config(**parallel)
+def _losses(parallel, vocab_size):
+    cfg = make_config(vocab_size, **parallel)
     ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, timeout_s=120)
     step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
-    results = [step.step(batch, LR) for batch in global_batches(STEPS)]
+    results = [step.step(batch, LR) for batch in global_batches(STEPS, vocab_size)]
     return [r["loss"] for r in results], [r["grad_norm"] for r in results]
+
+
+def _layouts_losses(layouts):
+    """Every (name, parallel, vocab) layout of one world size in this one spawned group."""
+    return {name: _losses(parallel, vocab) for name, parallel, vocab in layouts}
 
 
 LAYOUTS = [
@@ -33,6 +38,24 @@ LAYOUTS = [
     ("dp4-zero1", 4, dict(zero1=True)),
     ("tp2-pp2-dp2", 8, dict(tp=2, pp=2)),
 ]
+ODD_VOCAB = 61  # prime, like MiniCPM-2.4B's 122753: tp pads it to ceil(61 / tp) rows per rank
+ODD_LAYOUTS = [("tp4", 4, dict(tp=4)), ("tp2-pp2-tied", 4, dict(tp=2, pp=2))]
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    """The losses and norms of every layout, one spawned group per world size."""
+    by_world = {}
+    for name, world, parallel in LAYOUTS:
+        by_world.setdefault(world, []).append((name, parallel, VOCAB))
+    for name, world, parallel in ODD_LAYOUTS:
+        by_world.setdefault(world, []).append((name, parallel, ODD_VOCAB))
+    results = {}
+    for world, layouts in by_world.items():
+        for rank_results in run_distributed(_layouts_losses, world, args=(layouts,), timeout=600):
+            for name, value in rank_results.items():
+                results.setdefault(name, []).append(value)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +69,10 @@ def expected():
 
 
 @pytest.mark.parametrize("name, world, parallel", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-def test_layout_matches_one_process(expected, name, world, parallel):
+def test_layout_matches_one_process(expected, parallel_results, name, world, parallel):
     losses, norms = expected
-    results = run_distributed(_parallel_losses, world, args=(parallel,), timeout=400)
+    results = parallel_results[name]
+    assert len(results) == world
     for rank_losses, rank_norms in results:
         assert rank_losses == pytest.approx(losses, rel=1e-4), name
         # Clipping hides a wrongly scaled gradient from the losses (Adam is scale-invariant too):
@@ -56,21 +80,9 @@ def test_layout_matches_one_process(expected, name, world, parallel):
         assert rank_norms == pytest.approx(norms, rel=1e-4), name
 
 
-ODD_VOCAB = 61  # prime, like MiniCPM-2.4B's 122753: tp pads it to ceil(61 / tp) rows per rank
-
-
-def _odd_vocab_losses(parallel):
-    cfg = make_config(ODD_VOCAB, **parallel)
-    ctx = ParallelContext.initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, timeout_s=120)
-    step = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
-    results = [step.step(batch, LR) for batch in global_batches(STEPS, ODD_VOCAB)]
-    return [r["loss"] for r in results], [r["grad_norm"] for r in results]
-
-
-@pytest.mark.parametrize("world, parallel", [(4, dict(tp=4)), (4, dict(tp=2, pp=2))], ids=["tp4", "tp2-pp2-tied"])
-def test_a_vocabulary_tp_does_not_divide_is_padded(world, parallel):
+@pytest.mark.parametrize("name, world, parallel", ODD_LAYOUTS, ids=[layout[0] for layout in ODD_LAYOUTS])
+def test_a_vocabulary_tp_does_not_divide_is_padded(parallel_results, name, world, parallel):
     losses, norms = reference_run(STEPS, vocab_size=ODD_VOCAB)
-    for rank_losses, rank_norms in run_distributed(_odd_vocab_losses, world, args=(parallel,), timeout=400):
+    for rank_losses, rank_norms in parallel_results[name]:
         assert rank_losses == pytest.approx(losses, rel=1e-4)
         assert rank_norms == pytest.approx(norms, rel=1e-4)
-
