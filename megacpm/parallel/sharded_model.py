@@ -139,6 +139,9 @@ class ShardedModel(nn.Module):
         Shard(dim) along each axis the parameter is split over (TP; EP and TP for experts), the plain
         tensor when replicated."""
         spec = param_spec(param)
+        dim, mesh = spec.shard_dim("tp"), meshes["tp"]
+        if spec.shard_dim("ep") is None and (mesh is None or dim is None):
+            return local  # replicated: a plain tensor, no DTensor machinery
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
         if spec.shard_dim("ep") is not None:
@@ -147,9 +150,6 @@ class ShardedModel(nn.Module):
             if self.ctx.layout.tp > 1:
                 placements.append(Shard(tp_dim) if tp_dim is not None else Replicate())
             return DTensor.from_local(local, meshes["experts"], placements, run_check=False)
-        dim, mesh = spec.shard_dim("tp"), meshes["tp"]
-        if mesh is None or dim is None:
-            return local
         if spec.padded_rows is not None:
             # A padded vocabulary: only the real rows are model space, an uneven Shard(0) with
             # torch.chunk's split, which is how the padding was laid out.

@@ -5,20 +5,26 @@ train` (the long-context curriculum: untie and pad, then ABF and a longer sequen
 References: the parent's own tensors and logits (the untied head must reproduce them bit for bit,
 the padded vocabulary must leave the old rows' logits unchanged), and the documented init."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from megacpm import load_pretrained
 from megacpm.checkpoint import CheckpointError
 from megacpm.checkpoint.manager import read_state
 from megacpm.checkpoint.reshape import check_reshape, reshaped_state
 from megacpm.config import ModelConfig, load_config
+from megacpm.data import build_datasets
 from megacpm.huggingface import expected_shapes
 from tests.checkpoint.test_upcycle import SMALL, cli_ok, records
 from tests.support import run_cli
 
 SHAPE = {"vocab_size": 10, "tie_word_embeddings": True}
+EVAL_TOOL = Path(__file__).resolve().parents[2] / "tools" / "eval_long_context.py"
 
 
 def _state(cfg: ModelConfig, seed=0):
@@ -117,4 +123,25 @@ def test_the_long_context_curriculum_through_the_cli(tmp_path, data_cache):
     assert sorted(records(long)) == [7]
     meta = json.loads((long / "checkpoints" / "step_7" / "trainer_state.json").read_text())
     assert meta["seq_len"] == 128 and meta["consumed_samples"] == 56 and meta["data_start"] == 24
+
+    # Long-context evaluation of the stage-2 run through the script, below, at and past its length:
+    # each bucket's loss against plain full-logit cross entropies of the same held-out windows.
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, str(EVAL_TOOL), str(long), "--lengths", "64", "128", "256", "--windows",
+                             "2", "--buckets", "4", "--passkey", "--depths", "0", "1", "--trials", "1", "--out",
+                             str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["positions"]) == ["64", "128", "256"] and report["trained_seq_len"] == 128
+    assert set(report["passkey"]["256"]) == {"0", "1"}
+    for name in ("positions.png", "passkey.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = load_config(str(long / "checkpoints" / "step_7" / "config.yaml"))
+    data = build_datasets(cfg.data, cfg.model.vocab_size, 256, cfg.train.seed, warn=lambda line: None)
+    batch = data.eval_batch(2)
+    with torch.no_grad():
+        logits = load_pretrained(long)(batch.input_ids)
+    per_token = F.cross_entropy(logits.flatten(0, 1).double(), batch.labels.flatten(), reduction="none").view(2, 256)
+    want = [float(per_token[:, i * 64:(i + 1) * 64].mean()) for i in range(4)]
+    assert report["positions"]["256"]["bucket_loss"] == pytest.approx(want, rel=1e-5)
 
