@@ -47,6 +47,18 @@ def _child(fn, rank, world_size, port, args, results):
             dist.destroy_process_group()
 
 
+def _reported_late(results, dead, grace_s: float = 5.0) -> bool:
+    """Whether a result is still on its way (a rank may report, then crash in its teardown): the
+    queue is given ``grace_s`` more before the dead ranks are declared silent. A result found is
+    put back for the main loop."""
+    try:
+        item = results.get(timeout=grace_s)
+    except queue.Empty:
+        return False
+    results.put(item)
+    return True
+
+
 def run_distributed(fn, world_size: int, args=(), timeout: float = 240.0):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -65,7 +77,7 @@ def run_distributed(fn, world_size: int, args=(), timeout: float = 240.0):
                 # A child that died before reporting (it could not even unpickle ``fn``, or was
                 # killed) never will: say so now instead of at the deadline.
                 dead = [r for r, proc in enumerate(procs) if r not in collected and proc.exitcode not in (None, 0)]
-                if dead:
+                if dead and not _reported_late(results, dead):
                     errors.append(f"ranks {dead} exited (codes {[procs[r].exitcode for r in dead]}) without a result")
                 elif time.monotonic() >= deadline:
                     errors.append(f"timed out after {timeout}s; ranks done: {sorted(collected)}")
