@@ -261,6 +261,10 @@ def _validate_context_parallel(cfg: Config) -> None:
     if cfg.objective.kind == "dpo":
         raise ConfigError("parallel.cp: objective.kind dpo does not run under context parallelism yet (a "
                           "pair's log-probability sums over the whole sequence); use parallel.cp 1")
+    if cfg.model.num_experts:
+        raise ConfigError(f"parallel.cp: an MoE model (model.num_experts {cfg.model.num_experts}) does not run under "
+                          f"context parallelism yet (its balancing statistics are taken per micro-batch, which cp "
+                          f"would split); use parallel.cp 1")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -80,6 +80,7 @@ def test_bad_overrides_name_the_key(override, fragment):
     ("--parallel.cp=2 --model.attention_dropout=0.1", "parallel.cp: attention dropout"),
     ("--parallel.cp=2 --parallel.cp_attention=p2p", "parallel.cp_attention"),
     ("--parallel.cp=2 --objective.kind=dpo --data.source=preference", "parallel.cp: objective.kind dpo"),
+    ("--parallel.cp=2 --model.num_experts=4", "parallel.cp: an MoE model"),
 ])
 def test_semantic_validation_names_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
