@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry and the other benches, when imported from its path
@@ -52,7 +53,6 @@ from megacpm.parallel.local_launch import run_distributed  # noqa: E402
 from megacpm.train.device import param_dtype, resolve_device  # noqa: E402
 from megacpm.train.memory import estimate_training_memory  # noqa: E402
 from megacpm.train.train_module import TrainModule  # noqa: E402
-from typing import get_args  # noqa: E402
 
 PROG = "bench_context_parallel"
 CORES = get_args(CpAttention)
@@ -118,8 +118,9 @@ def measure(base_cfg, cps, cores, steps: int, warmup: int) -> dict:
         for core in (cores if cp > 1 else ("none",)):
             cfg = _configure(copy.deepcopy(base_cfg), cp, core if cp > 1 else "all_gather")
             validate(cfg, world_size=cp, check_data=False)
+            # cp 1 runs in this process: a group of one needs no spawn.
             per_rank = run_distributed(_rank_worker, cp, args=(cfg, steps, warmup), timeout=1800) if cp > 1 \
-                else [_single(cfg, steps, warmup)]
+                else [_rank_worker(cfg, steps, warmup)]
             estimate = estimate_training_memory(cfg, params, resolve_device(cfg).type, world_size=cp)
             measured_forward = max(sum(r["forward_cp_bytes"].values()) for r in per_rank) / cfg.model.num_hidden_layers
             rows.append({"cp": cp, "core": core, "step_s": max(r["step_s"] for r in per_rank),
@@ -136,11 +137,6 @@ def measure(base_cfg, cps, cores, steps: int, warmup: int) -> dict:
     t = base_cfg.train
     return {"seq_len": t.seq_len, "micro_batch_size": t.micro_batch_size, "layers": base_cfg.model.num_hidden_layers,
             "rows": rows}
-
-
-def _single(cfg, steps, warmup):
-    """cp 1: one process, this one (a group of one needs no spawn)."""
-    return _rank_worker(cfg, steps, warmup)
 
 
 def print_table(result: dict) -> None:

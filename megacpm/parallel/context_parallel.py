@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megacpm.config.schema import CpAttention
 from megacpm.data.batch import context_parallel_index, head_tail_chunks
 from megacpm.model.attention import attention_at_end, repeat_kv
+from megacpm.model.minicpm import Attention
 from megacpm.parallel.mappings import Group, _all_gather, gather_from_sp, group_size
 
 CP_ATTENTION = get_args(CpAttention)  # parallel.cp_attention's choices
@@ -260,8 +261,6 @@ def plan_context_parallel(model, group: Group, impl: str = "all_gather") -> None
     """Make ``model`` (a megacpm.model.MiniCPM, after the TP plans) context parallel over
     ``group``: every Attention's core becomes the cp core of ``impl`` (CP_ATTENTION), and the model
     sizes its RoPE tables by the global sequence length."""
-    from megacpm.model.minicpm import Attention
-
     cp = group_size(group)
     if cp == 1:
         return
