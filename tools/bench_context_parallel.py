@@ -167,6 +167,9 @@ def main(argv=None) -> int:
         if args.steps < 1 or args.warmup < 0 or any(cp < 1 for cp in args.cp):
             raise UsageError("--steps and every --cp must be >= 1, --warmup >= 0")
         cfg = load_config(args.config, ["--train.seq_len=2048", "--train.micro_batch_size=1", *overrides])
+        if cfg.model.rope_scaling is None:
+            # A benchmark of the sequence length, not of a model's trained range (RoPE has no weights).
+            cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, cfg.train.seq_len)
         cores = CORES if args.attention == "both" else (args.attention,)
         result = measure(cfg, sorted(set(args.cp)), cores, args.steps, args.warmup)
         print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
