@@ -134,10 +134,10 @@ def write_derived_checkpoint(run_dir: Path, cfg: Config, state: Dict[str, Dict],
 def _reshaped_checkpoint_state(checkpoint: Path, meta: Dict, cfg: Config) -> Dict[str, Dict]:
     """The parent's model-space state in the branch's shape (megacpm.checkpoint.reshape)."""
     from megacpm.checkpoint.manager import read_router_biases, read_state  # local: DCP and the model
-    from megacpm.model.params import parameter_shapes as expected_shapes
+    from megacpm.model.params import parameter_shapes
 
     parent = parent_model(cfg.model, saved_shape(meta["model"]))
-    state = reshaped_state(read_state(checkpoint, parent, expected_shapes(parent)), parent, cfg.model)
+    state = reshaped_state(read_state(checkpoint, parent, parameter_shapes(parent)), parent, cfg.model)
     biases = read_router_biases(checkpoint, parent)
     if biases:
         state["buffers"] = biases

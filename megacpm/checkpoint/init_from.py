@@ -154,8 +154,9 @@ def local_part(full: "torch.Tensor", param: "nn.Parameter", ctx: "ParallelContex
 
     spec = param_spec(param)
     unknown = sorted(set(spec.shard_dims) - {"tp", "ep"})
-    if unknown:  # no such parameter: refuse rather than guess
-        raise NotImplementedError(f"loading a model-space tensor into a parameter split over {unknown}")
+    if unknown:  # no plan splits a parameter over another axis (cp splits tokens only): never guess a slice
+        raise RuntimeError(f"a parameter split over {unknown}: local_part cuts only tp and ep slices; the plan "
+                           f"that introduced that split must teach it the cut")
     part = full
     if spec.shard_dim("ep") is not None:  # experts: this EP rank's contiguous E / ep of them
         part = shard(part, spec.shard_dim("ep"), ctx.group("ep"))

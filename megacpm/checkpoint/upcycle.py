@@ -94,7 +94,7 @@ def create_upcycled_run(checkpoint: Path, new_run: Path, cfg: Config, overrides:
     docstring). Refused before anything is written: a source that is already MoE, a config that
     changes the model's shape other than by adding experts, an existing ``new_run``."""
     from megacpm.checkpoint.manager import read_state  # local: DCP, the model
-    from megacpm.model.params import parameter_shapes as expected_shapes
+    from megacpm.model.params import parameter_shapes
 
     checkpoint, new_run = Path(checkpoint).resolve(), Path(new_run)
     overrides = list(overrides)
@@ -105,7 +105,7 @@ def create_upcycled_run(checkpoint: Path, new_run: Path, cfg: Config, overrides:
     if new_run.exists():
         raise CheckpointError(f"{new_run}: already exists; an upcycled run is created in a new directory")
     parent_cfg = _dense_config(cfg)
-    dense = read_state(checkpoint, parent_cfg.model, expected_shapes(parent_cfg.model))
+    dense = read_state(checkpoint, parent_cfg.model, parameter_shapes(parent_cfg.model))
     state = upcycled_state(dense, cfg, router_seed, router_std, optimizer)
     lineage = lineage_record(checkpoint, meta, overrides)
     lineage["upcycle"] = {"num_experts": cfg.model.num_experts, "num_experts_per_tok": cfg.model.num_experts_per_tok,
