@@ -258,13 +258,10 @@ def _validate_context_parallel(cfg: Config) -> None:
     if cfg.model.attention_dropout > 0:
         raise ConfigError(f"parallel.cp: attention dropout ({cfg.model.attention_dropout}) is not supported under "
                           f"context parallelism; set model.attention_dropout to 0")
-    if cfg.objective.kind == "dpo":
-        raise ConfigError("parallel.cp: objective.kind dpo does not run under context parallelism yet (a "
-                          "pair's log-probability sums over the whole sequence); use parallel.cp 1")
-    if cfg.model.num_experts:
-        raise ConfigError(f"parallel.cp: an MoE model (model.num_experts {cfg.model.num_experts}) does not run under "
-                          f"context parallelism yet (its balancing statistics are taken per micro-batch, which cp "
-                          f"would split); use parallel.cp 1")
+    if cfg.model.num_experts and cfg.model.moe_capacity_factor is not None:
+        raise ConfigError(f"parallel.cp: model.moe_capacity_factor {cfg.model.moe_capacity_factor} is not supported "
+                          f"under context parallelism (an expert's capacity is taken in the token order of the "
+                          f"whole micro-batch, which cp splits); use the dropless default (null) or parallel.cp 1")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

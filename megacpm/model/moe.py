@@ -56,10 +56,14 @@ def expert_load(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts / max(experts.numel(), 1)
 
 
-def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
-    """E * sum_i importance_i * load_i (differentiable through importance only, as in Switch)."""
+def load_balancing_loss(routing: Routing, num_experts: int, load: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """E * sum_i importance_i * load_i (differentiable through importance only, as in Switch);
+    ``load`` [E] when the assignments are counted over more tokens than ``routing``'s (a sequence
+    split over context-parallel ranks), expert_load of the routing otherwise."""
     importance = routing.probs.mean(dim=0)
-    return num_experts * (importance * expert_load(routing.experts, num_experts)).sum()
+    if load is None:
+        load = expert_load(routing.experts, num_experts)
+    return num_experts * (importance * load).sum()
 
 
 def z_loss(routing: Routing) -> torch.Tensor:

@@ -14,6 +14,13 @@ output (megacpm.model.moe.attach_aux_loss), so the gradient reaches the router o
 holds it and nothing travels with the activations. ``grad_share`` divides that gradient among
 ranks that route the same tokens and whose router gradients are summed (the tensor-parallel ranks).
 
+Under context parallelism a micro-batch's tokens are split over the cp ranks (each holds the same
+number). LB_l(b) needs the load over all of them: ``sum_over_sequence`` (an all-reduce over the cp
+group, injected by the train module) completes the assignment counts before the loss is taken, and
+each rank's LB and Z over its own tokens, weighted by its own token share, sum over the cp ranks to
+the micro-batch's (the mean of equal-sized parts' means is the whole's mean), in the loss, its
+gradient (summed over dp x cp like every dense gradient) and the recorded statistics.
+
 The step object is passed to the model's forward as an argument, never kept in a module: a
 forward without one (evaluation, scoring) adds no auxiliary loss and records nothing.
 
@@ -22,7 +29,7 @@ a block's forward again in the backward, and its second record must not count tw
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -33,16 +40,22 @@ AUX, Z, DROPPED = 0, 1, 2
 EXTRA = 3
 
 
+def _whole(counts: torch.Tensor) -> torch.Tensor:
+    return counts
+
+
 class MoEStep:
     """The MoE bookkeeping of one step (or of one forward: ``micro_tokens`` of its micro-batches)."""
 
     def __init__(self, num_layers: int, num_experts: int, micro_tokens: Sequence[int], global_tokens: int,
-                 aux_coeff: float, z_coeff: float, grad_share: int = 1, device: Optional[torch.device] = None):
+                 aux_coeff: float, z_coeff: float, grad_share: int = 1, device: Optional[torch.device] = None,
+                 sum_over_sequence: Callable[[torch.Tensor], torch.Tensor] = _whole):
         if global_tokens <= 0:
             raise ValueError(f"a step of {global_tokens} tokens")
         self.num_layers, self.num_experts = num_layers, num_experts
         self.weights = [tokens / global_tokens for tokens in micro_tokens]
         self.aux_coeff, self.z_coeff, self.grad_share = aux_coeff, z_coeff, grad_share
+        self.sum_over_sequence = sum_over_sequence
         self.records = torch.zeros(len(micro_tokens), num_layers, num_experts + EXTRA, dtype=torch.float32,
                                    device=device)
 
@@ -84,11 +97,13 @@ class MicroBatchMoE:
         and the layer's routing statistics recorded."""
         step = self.step
         weight = step.weights[self.index]
-        balance = load_balancing_loss(routing, step.num_experts)
+        with torch.no_grad():
+            counts = torch.bincount(routing.experts.reshape(-1), minlength=step.num_experts).float()
+            sequence_counts = step.sum_over_sequence(counts)
+        balance = load_balancing_loss(routing, step.num_experts, load=sequence_counts / sequence_counts.sum().clamp_min(1.0))
         zl = z_loss(routing)  # computed for the metrics also when its coefficient is 0
         loss = step.aux_coeff * balance + step.z_coeff * zl
         with torch.no_grad():
-            counts = torch.bincount(routing.experts.reshape(-1), minlength=step.num_experts).float()
             extra = torch.stack([balance.detach() * weight, zl.detach() * weight, (~keep).sum().float()])
             step.records[self.index, layer] = torch.cat([counts, extra])
         if not (step.aux_coeff or step.z_coeff):

@@ -12,13 +12,20 @@ Statistics are sums, so they reduce exactly: the train module sums them over mic
 ranks (each value is held by the last stage's tensor-parallel ranks, identically) and hands the
 totals to ``metrics``, whose keys reach every metrics sink ("loss" is required).
 
+Under context parallelism each rank holds part of every sequence. A token-level objective (LM,
+SFT) needs nothing: its sums are sums over tokens. A sequence-level one (DPO: a function of each
+row's summed log-probability) completes its per-row sums with ``sequence_sum`` (injected by the
+train module: forward all-reduce over the cp group, backward identity; the identity in one
+process) and sets ``whole_sequence``: every cp rank then computes the same loss and statistics, and
+the step's reduction counts them once.
+
 A new objective (SFT, DPO) is a subclass in megacpm/objectives/ registered in OBJECTIVES
 (megacpm/objectives/__init__.py) under its ``objective.kind``.
 """
 from __future__ import annotations
 
 import abc
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 
@@ -26,6 +33,10 @@ from megacpm.data.batch import Batch
 from megacpm.model import MiniCPM
 
 Stats = Dict[str, torch.Tensor]
+
+
+def _whole(per_row: torch.Tensor) -> torch.Tensor:
+    return per_row
 
 
 class Objective(abc.ABC):
@@ -36,6 +47,10 @@ class Objective(abc.ABC):
     # Batch rows per sample: the batch sizes count samples, and a sample's rows always share a
     # micro-batch and a rank (DPO's pair: 2).
     rows_per_sample = 1
+    # True when the loss is a function of whole sequences (see the module docstring).
+    whole_sequence = False
+    # Per-row sums over this rank's tokens -> over the whole sequences (the train module's cp sum).
+    sequence_sum: Callable[[torch.Tensor], torch.Tensor] = staticmethod(_whole)
 
     @abc.abstractmethod
     def normaliser(self, batch: Batch) -> float:

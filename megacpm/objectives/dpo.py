@@ -12,8 +12,10 @@ With h = (pc - rc) - (pr - rr) (policy minus reference, chosen minus rejected):
 - ipo: (h - 1 / (2 beta))^2 (on the summed log-probabilities, as the IPO paper writes it; TRL
   length-normalises them);
 - hinge: relu(1 - beta h).
-The step's loss is the mean over the global batch's pairs; a pair without completion tokens (the
-padding of an evaluation batch) counts for nothing. Rewards are beta times the policy-minus-
+Under context parallelism a row's log-probability and its completion-token count are completed
+over the cp ranks (``sequence_sum``); the reference's arrive whole (megacpm.train.reference sums
+the ranks' parts). The step's loss is the mean over the global batch's pairs; a pair without
+completion tokens (the padding of an evaluation batch) counts for nothing. Rewards are beta times the policy-minus-
 reference log-probability; accuracies count pairs whose chosen reward is above the rejected one.
 """
 from __future__ import annotations
@@ -54,6 +56,7 @@ def has_completion(batch: Batch) -> torch.Tensor:
 class DirectPreferenceOptimization(Objective):
     kind = "dpo"
     rows_per_sample = 2
+    whole_sequence = True
     stat_names = ("loss_sum", "pairs", "chosen_rewards", "rejected_rewards", "accuracies", "margins",
                   "chosen_logps", "rejected_logps")
 
@@ -67,9 +70,10 @@ class DirectPreferenceOptimization(Objective):
         if REFERENCE_LOGPS not in micro.extras:
             raise RuntimeError("DPO needs the reference log-probabilities of every row (batch.extras"
                                f"[{REFERENCE_LOGPS!r}]); the trainer attaches them")
-        policy = sequence_logps(chunk, hidden, micro.labels)
+        policy = self.sequence_sum(sequence_logps(chunk, hidden, micro.labels))
         reference = micro.extras[REFERENCE_LOGPS].to(policy.dtype)
-        valid = has_completion(micro).to(policy.dtype)
+        completion_tokens = (micro.labels[0::2] != IGNORE_INDEX).sum(dim=1).to(policy.dtype)
+        valid = (self.sequence_sum(completion_tokens) > 0).to(policy.dtype)  # has_completion of the whole rows
         chosen_logps, rejected_logps = policy[0::2], policy[1::2]
         chosen_ratio = chosen_logps - reference[0::2]
         rejected_ratio = rejected_logps - reference[1::2]

@@ -9,6 +9,7 @@ Each forward collective is paired with its adjoint in the backward:
   scatter_to_sp     forward split (seq dim)    backward all-gather     (entering sequence parallelism)
   gather_from_sp    forward all-gather (seq)   backward reduce-scatter (input of a column layer under SP)
   reduce_scatter_sp forward reduce-scatter     backward all-gather     (output of a row layer under SP)
+  reduce_from_cp    forward all-reduce         backward identity       (a per-sequence sum from the cp ranks' parts)
 
 A ``group`` of None or of size 1 makes every function the identity, so single-process code runs the
 same path. The sequence dimension is dim 1 ([batch, seq, hidden]).
@@ -108,3 +109,7 @@ gather_from_tp = _mapping(_last(_all_gather), _last(_split))
 scatter_to_sp = _mapping(_seq(_split), _seq(_all_gather))
 gather_from_sp = _mapping(_seq(_all_gather), _seq(_reduce_scatter))
 reduce_scatter_sp = _mapping(_seq(_reduce_scatter), _seq(_all_gather))
+# A sum over a sequence's tokens completed from the context-parallel ranks' parts (an MoE layer's
+# expert counts, a DPO row's log-probability); every cp rank goes on with the same whole, so the
+# adjoint gives each rank's part the whole's gradient.
+reduce_from_cp = _mapping(_all_reduce, _identity)

@@ -30,7 +30,8 @@ from megacpm.parallel.context import ParallelContext
 from megacpm.parallel.sharded_model import ShardedModel
 
 # Axes whose ranks compute the same per-row values (the vocab-parallel loss is identical on every
-# tensor-parallel rank): the world sum counts each value that many times.
+# tensor-parallel rank): the world sum counts each value that many times. Context-parallel ranks
+# hold parts of a row, not copies: the world sum adds their parts into the row's whole.
 SCORES_REPLICATED_OVER = ("tp",)
 
 

@@ -20,6 +20,7 @@ Global correctness, whatever the layout:
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -31,11 +32,14 @@ from megacpm.model.moe_step import MoEStep
 from megacpm.objectives import Objective, build_objective
 from megacpm.optim.sharded_optimizer import ShardedOptimizer
 from megacpm.parallel.context import ParallelContext
+from megacpm.parallel.mappings import reduce_from_cp
 from megacpm.parallel.sharded_model import ShardedModel
 
 # Axes over whose ranks the last stage's statistics are identical copies (each tensor-parallel rank
-# computes the same vocab-parallel loss): the world sum counts them that many times.
+# computes the same vocab-parallel loss): the world sum counts them that many times. A
+# whole-sequence objective's are copies over the context-parallel ranks too.
 STATS_REPLICATED_OVER = ("tp",)
+WHOLE_SEQUENCE_STATS_REPLICATED_OVER = ("tp", "cp")
 
 
 class TrainModule:
@@ -55,6 +59,8 @@ class TrainModule:
                                   context_parallel_attention=p.cp_attention)
         self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
         self.objective = objective or build_objective(cfg.objective)
+        if self.objective.whole_sequence:
+            self.objective.sequence_sum = partial(reduce_from_cp, group=ctx.group("cp"))
         # The last step's global assignments per (layer, expert), for the router-bias update that
         # follows its optimizer step (None: a dense model, or no step yet).
         self._expert_counts: Optional[torch.Tensor] = None
@@ -105,13 +111,15 @@ class TrainModule:
 
     def _moe_step(self, micro_batches: Sequence[Batch], batch: Batch) -> Optional[MoEStep]:
         """An MoE model's bookkeeping for one step: each micro-batch weighted by its share of the
-        global batch's tokens, the router gradient shared by the TP ranks that route alike."""
+        global batch's tokens, the router gradient shared by the TP ranks that route alike, the
+        expert counts completed over the cp ranks that hold a micro-batch's tokens between them."""
         m = self.cfg.model
         if not m.is_moe:
             return None
         return MoEStep(m.num_hidden_layers, m.num_experts, [micro.input_ids.numel() for micro in micro_batches],
                        global_tokens=batch.input_ids.numel(), aux_coeff=m.moe_aux_loss_coeff,
-                       z_coeff=m.moe_z_loss_coeff, grad_share=self.ctx.layout.tp, device=self.ctx.device)
+                       z_coeff=m.moe_z_loss_coeff, grad_share=self.ctx.layout.tp, device=self.ctx.device,
+                       sum_over_sequence=partial(reduce_from_cp, group=self.ctx.group("cp")))
 
     def _global_metrics(self, stats: torch.Tensor, normaliser: float,
                         moe: Optional[MoEStep] = None) -> Dict[str, float]:
@@ -121,7 +129,9 @@ class TrainModule:
         values = stats.clone() if moe is None else torch.cat([stats, moe.totals().flatten()])
         if self.ctx.world_size > 1:
             dist.all_reduce(values)
-        replicas = math.prod(self.ctx.layout.size(axis) for axis in STATS_REPLICATED_OVER)
+        replicated_over = (WHOLE_SEQUENCE_STATS_REPLICATED_OVER if self.objective.whole_sequence
+                           else STATS_REPLICATED_OVER)
+        replicas = math.prod(self.ctx.layout.size(axis) for axis in replicated_over)
         values = values / replicas
         count = len(self.objective.stat_names)
         totals = {n: v for n, v in zip(self.objective.stat_names, values[:count].tolist())}

@@ -26,6 +26,7 @@ LAYOUTS = {
         ("cp4-ring", dict(cp=4, cp_attention="ring"), False),
         ("cp2-tp2-sp", dict(cp=2, tp=2, sp=True), False),
         ("cp2-pp2", dict(cp=2, pp=2), False),
+        ("cp2-pp2-vpp2", dict(cp=2, pp=2, vpp=2), False),
         ("cp2-dp2-zero1", dict(cp=2, zero1=True), False)],
 }
 

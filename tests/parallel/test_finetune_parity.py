@@ -119,7 +119,7 @@ def _train_all(jobs):
         try:
             cfg = load_config("tiny", job_overrides)
             p = cfg.parallel
-            ctx = ParallelContext.initialize(p.tp, p.pp, p.vpp, timeout_s=300, device_type="cpu")
+            ctx = ParallelContext.initialize(p.tp, p.pp, p.vpp, timeout_s=300, device_type="cpu", cp=p.cp)
             validate(cfg, world_size=ctx.world_size)
             Trainer(cfg, print_fn=messages.append, ctx=ctx).run()
             layout = ctx.layout
@@ -134,6 +134,7 @@ LAYOUTS = {  # name: (world size, parallel overrides, the layout (tp, pp, dp, vp
     "pp2": (2, ["--parallel.pp=2"], (1, 2, 1, 1)),
     "pp2-vpp2": (2, ["--parallel.pp=2", "--parallel.vpp=2"], (1, 2, 1, 2)),
     "dp2-zero1": (2, ["--parallel.zero1=true"], (1, 1, 2, 1)),
+    "cp2": (2, ["--parallel.cp=2"], (1, 1, 1, 1)),
     "tp2-pp2-dp2": (8, ["--parallel.tp=2", "--parallel.pp=2"], (2, 2, 2, 1)),
 }
 PARALLEL_KINDS = ("sft", "dpo")

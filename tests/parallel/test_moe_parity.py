@@ -24,7 +24,7 @@ TRACKED = ("loss", "grad_norm", "moe/aux_loss", "moe/z_loss", "moe/max_load")
 def _run(parallel):
     cfg = make_moe_config(**parallel)
     p = cfg.parallel
-    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, timeout_s=120)
+    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, timeout_s=120)
     module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
     metrics = [module.step(batch, LR) for batch in global_batches(STEPS)]
     routers = {index: (mlp.gate.weight.detach().clone(), mlp.router_bias.clone())
@@ -62,7 +62,7 @@ def _check(name, result, expected):
 
 WORLD2 = [("tp2", dict(tp=2)), ("tp2-sp", dict(tp=2, sp=True)), ("pp2", dict(pp=2)),
           ("pp2-vpp2", dict(pp=2, vpp=2)), ("dp2-zero1", dict(zero1=True)), ("ep2", dict(ep=2)),
-          ("ep2-zero1", dict(ep=2, zero1=True))]
+          ("ep2-zero1", dict(ep=2, zero1=True)), ("cp2", dict(cp=2))]
 
 
 def test_two_process_layouts_match_one_process(expected):
@@ -81,7 +81,7 @@ def _run_continuing(stages, run_dir):
     for parallel, steps in stages:
         cfg = make_moe_config(**parallel)
         p = cfg.parallel
-        ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, ep=p.ep, timeout_s=120)
+        ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, timeout_s=120)
         # After the first stage the weights come from the checkpoint: built from another seed, so a
         # load that missed a tensor shows.
         module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0 if not done else 100))
@@ -100,7 +100,8 @@ def _run_four(layouts, stages, run_dir):
     return [_run(parallel) for parallel in layouts], _run_continuing(stages, run_dir)
 
 
-WORLD4 = [("ep2-tp2", dict(ep=2, tp=2)), ("ep2-pp2", dict(ep=2, pp=2)), ("ep4-dp4-zero1", dict(ep=4, zero1=True))]
+WORLD4 = [("ep2-tp2", dict(ep=2, tp=2)), ("ep2-pp2", dict(ep=2, pp=2)), ("ep4-dp4-zero1", dict(ep=4, zero1=True)),
+          ("cp2-ep2", dict(cp=2, ep=2))]
 # Saved under EP2 x TP2, resumed under EP4 with ZeRO-1, saved again and resumed under EP2 x PP2.
 MOVES = [(dict(ep=2, tp=2), 1), (dict(ep=4, zero1=True), 1), (dict(ep=2, pp=2), 1)]
 
