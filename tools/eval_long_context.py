@@ -8,7 +8,8 @@ documents, and a passkey-retrieval probe, each with a PNG plot.
 
 Loss by position (positions.json, positions.png): for each --lengths L, --windows validation
 samples of L tokens from the run's own data config (the held-out split; the same documents for a
-parent and its branch), one forward each; every token's cross entropy, averaged over --buckets equal
+parent and its branch that keeps its data; ``--data.KEY=VALUE`` overrides read other documents, e.g. a
+parent on its branch's long ones), one forward each; every token's cross entropy, averaged over --buckets equal
 ranges of positions. A model that uses its context has a curve that falls with the position; one
 evaluated past the length it was trained for shows where it stops using it (the loss rises again).
 Lengths past the training length are allowed: RoPE has no length limit, and with
@@ -27,11 +28,12 @@ Outputs are written to temporary names and renamed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _entry, when imported from its path
@@ -40,11 +42,13 @@ import torch  # noqa: E402
 
 from _entry import OneLineParser, run_tool  # noqa: E402
 from megacpm.checkpoint import CheckpointError  # noqa: E402
-from megacpm.config import ConfigError  # noqa: E402
+from megacpm.config import Config, ConfigError  # noqa: E402
+from megacpm.config.loader import override_value, set_value, split_overrides  # noqa: E402
 from megacpm.data import DataError, build_datasets  # noqa: E402
 from megacpm.data.batch import IGNORE_INDEX  # noqa: E402
 from megacpm.huggingface import load_pretrained, megacpm_config  # noqa: E402
 from megacpm.io.atomic import write_bytes_atomic, write_text_atomic  # noqa: E402
+from megacpm.objectives.lm import position_bucket_starts  # noqa: E402
 
 PROG = "eval_long_context"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -63,9 +67,10 @@ def token_losses(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def bucket_means(losses: torch.Tensor, valid: torch.Tensor, buckets: int) -> List[float]:
-    """Mean loss over each of ``buckets`` equal position ranges (the last takes the remainder)."""
+    """Mean loss over each of ``buckets`` equal position ranges (train.eval_position_buckets' rule:
+    megacpm.objectives.lm.position_bucket_starts)."""
     seq = losses.shape[1]
-    edges = [round(i * seq / buckets) for i in range(buckets + 1)]
+    edges = [*position_bucket_starts(buckets, seq), seq]
     means = []
     for lo, hi in zip(edges, edges[1:]):
         count = valid[:, lo:hi].sum()
@@ -74,6 +79,7 @@ def bucket_means(losses: torch.Tensor, valid: torch.Tensor, buckets: int) -> Lis
 
 
 def position_curves(model, cfg, lengths: List[int], windows: int, buckets: int, device) -> Dict:
+    """{length: windows, bucket_loss, mean_loss} over the validation split of ``cfg``'s data."""
     curves = {}
     for length in lengths:
         data = build_datasets(cfg.data, cfg.model.vocab_size, length, cfg.train.seed, warn=lambda line: None)
@@ -177,16 +183,32 @@ def plot_passkey(grid: Dict, path: Path) -> None:
     plt.close(figure)
 
 
-def evaluate(source: str, out: Path, lengths, windows, buckets, passkey, depths, trials, device, dtype) -> Dict:
+def data_config(cfg: Config, data_overrides: List[str]) -> Config:
+    """The config whose data the evaluation reads: ``cfg`` with ``--data.KEY=VALUE`` overrides
+    (another corpus: a parent evaluated on its long-context branch's documents)."""
+    if not data_overrides:
+        return cfg
+    other = copy.deepcopy(cfg)
+    for key, raw in split_overrides(data_overrides):
+        if not key.startswith("data."):
+            raise UsageError(f"--{key}: only data.* settings may be overridden (the model is the checkpoint's)")
+        set_value(other, key, override_value(other, key, raw))
+    return other
+
+
+def evaluate(source: str, out: Path, lengths, windows, buckets, passkey, depths, trials, device, dtype,
+             data_overrides: Optional[List[str]] = None) -> Dict:
     _, cfg = megacpm_config(Path(source))
+    data_cfg = data_config(cfg, data_overrides or [])
     model = load_pretrained(source, dtype=dtype, device=device)
-    report = {"source": str(source), "trained_seq_len": cfg.train.seq_len, "rope_theta": cfg.model.rope_theta,
-              "rope_scaling": cfg.model.rope_scaling,
-              "positions": position_curves(model, cfg, lengths, windows, buckets, device)}
+    report = {"source": str(source), "data_overrides": list(data_overrides or []), "trained_seq_len": cfg.train.seq_len,
+              "rope_theta": cfg.model.rope_theta, "rope_scaling": cfg.model.rope_scaling,
+              "positions": position_curves(model, data_cfg, lengths, windows, buckets, device)}
     out.mkdir(parents=True, exist_ok=True)
     plot_positions(report["positions"], cfg.train.seq_len, out / "positions.png")
     if passkey:
-        data = build_datasets(cfg.data, cfg.model.vocab_size, min(lengths), cfg.train.seed, warn=lambda line: None)
+        data = build_datasets(data_cfg.data, data_cfg.model.vocab_size, min(lengths), data_cfg.train.seed,
+                              warn=lambda line: None)
         if data.tokenizer is None:
             raise UsageError("--passkey needs the run's tokenizer (a pre-tokenized corpus has none)")
         report["passkey"] = passkey_grid(model, data.tokenizer, lengths, depths, trials, device)
@@ -208,7 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    args = parser.parse_args(argv)
+    args, data_overrides = parser.parse_known_args(argv)
+    if any(not arg.startswith("--data.") for arg in data_overrides if arg.startswith("--")):
+        parser.error(f"unrecognized arguments: {' '.join(data_overrides)} (besides the options, only --data.KEY=VALUE)")
 
     def body() -> int:
         if min(args.lengths) < 2 or args.windows < 1 or args.buckets < 1 or args.trials < 1:
@@ -219,7 +243,7 @@ def main(argv=None) -> int:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
             args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         report = evaluate(args.source, Path(args.out), sorted(set(args.lengths)), args.windows, args.buckets,
-                          args.passkey, args.depths, args.trials, device, dtype)
+                          args.passkey, args.depths, args.trials, device, dtype, data_overrides)
         for length, curve in report["positions"].items():
             print(f"{length:>7} tokens: mean loss {curve['mean_loss']:.4f}; by position "
                   + " ".join(f"{v:.3f}" for v in curve["bucket_loss"]))

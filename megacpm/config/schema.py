@@ -133,6 +133,9 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 50
     eval_batches: int = 8  # micro-batches of the validation split per evaluation
+    # > 0: evaluation also reports the loss by position, positions 0..seq_len in this many equal
+    # buckets, as eval_loss_by_position/<first position> (lm and sft; megacpm.objectives.lm).
+    eval_position_buckets: int = 0
     device: Device = "auto"
     # "auto" (bf16 on CUDA, fp32 on CPU) | "fp32" | "bf16" (bf16 parameters and activations, fp32
     # master weights, Adam state and gradient reductions)

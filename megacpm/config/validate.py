@@ -279,6 +279,13 @@ def validate_train(cfg: Config, world_size: int) -> None:
                 "eval_interval"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.eval_batches", t.eval_batches, allow_zero=True)
+    _positive("train.eval_position_buckets", t.eval_position_buckets, allow_zero=True)
+    if t.eval_position_buckets > t.seq_len:
+        raise ConfigError(f"train.eval_position_buckets: {t.eval_position_buckets} buckets is more than the "
+                          f"train.seq_len {t.seq_len} positions")
+    if t.eval_position_buckets and cfg.objective.kind == "dpo":
+        raise ConfigError("train.eval_position_buckets: the loss by position is a token-level metric; objective.kind "
+                          "dpo has none (set it to 0)")
     _positive("train.num_threads", t.num_threads, allow_zero=True)
     if t.num_threads > MAX_THREADS:
         raise ConfigError(f"train.num_threads: must be at most {MAX_THREADS}, got {t.num_threads}")

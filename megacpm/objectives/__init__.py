@@ -15,14 +15,19 @@ OBJECTIVES: Dict[str, Type[Objective]] = {cls.kind: cls for cls in (LanguageMode
                                                                     DirectPreferenceOptimization)}
 
 
-def build_objective(cfg: Optional[ObjectiveConfig] = None) -> Objective:
-    """The objective of ``cfg.kind`` (default: language modelling) with its fields."""
+def build_objective(cfg: Optional[ObjectiveConfig] = None, position_buckets: int = 0, seq_len: int = 0) -> Objective:
+    """The objective of ``cfg.kind`` (default: language modelling) with its fields; a token-level one
+    (lm, sft) with ``position_buckets`` > 0 also reports the loss by position over ``seq_len``
+    (megacpm.objectives.lm)."""
     cfg = cfg or ObjectiveConfig()
     if cfg.kind not in OBJECTIVES:
         raise ValueError(f"objective.kind: must be one of {', '.join(OBJECTIVES)}, got {cfg.kind!r}")
     if cfg.kind == "dpo":
+        if position_buckets:
+            raise ValueError("train.eval_position_buckets: the loss by position is a token-level metric; "
+                             "objective.kind dpo has none (set it to 0)")
         return DirectPreferenceOptimization(cfg.beta, cfg.loss, cfg.label_smoothing)
-    return OBJECTIVES[cfg.kind]()
+    return OBJECTIVES[cfg.kind](position_buckets, seq_len)
 
 
 __all__ = ["OBJECTIVES", "DirectPreferenceOptimization", "LanguageModelling", "Objective",

@@ -59,8 +59,12 @@ class TrainModule:
                                   context_parallel_attention=p.cp_attention)
         self.optimizer = ShardedOptimizer(self.model.params_by_name(), ctx, cfg.model, cfg.optim, zero1=p.zero1)
         self.objective = objective or build_objective(cfg.objective)
-        if self.objective.whole_sequence:
-            self.objective.sequence_sum = partial(reduce_from_cp, group=ctx.group("cp"))
+        # Evaluation's objective: the training one, with the loss by position when asked for.
+        self.eval_objective = (build_objective(cfg.objective, t.eval_position_buckets, t.seq_len)
+                               if t.eval_position_buckets and objective is None else self.objective)
+        for each in (self.objective, self.eval_objective):
+            if each.whole_sequence:
+                each.sequence_sum = partial(reduce_from_cp, group=ctx.group("cp"))
         # The last step's global assignments per (layer, expert), for the router-bias update that
         # follows its optimizer step (None: a dense model, or no step yet).
         self._expert_counts: Optional[torch.Tensor] = None
@@ -95,15 +99,15 @@ class TrainModule:
         local = shard_batch(batch, self.ctx.dp_rank, layout.dp, self.ctx.coord("cp"), layout.cp)
         return [micro.to(self.ctx.device).contiguous() for micro in local.split_rows(self.micro_batch_rows)]
 
-    def _accumulator(self):
+    def _accumulator(self, objective: Objective):
         """(statistics summed over this rank's micro-batches, the loss_fn for the model runner
         that fills them): a micro-batch's summed loss divided by ``scale``."""
-        stats = torch.zeros(len(self.objective.stat_names), dtype=torch.float32, device=self.ctx.device)
+        stats = torch.zeros(len(objective.stat_names), dtype=torch.float32, device=self.ctx.device)
 
         def run(micro_batches, scale):
             def loss_fn(chunk, hidden, index):
-                loss_sum, micro_stats = self.objective.loss(chunk, hidden, micro_batches[index])
-                stats.add_(torch.stack([micro_stats[n].float() for n in self.objective.stat_names]))
+                loss_sum, micro_stats = objective.loss(chunk, hidden, micro_batches[index])
+                stats.add_(torch.stack([micro_stats[n].float() for n in objective.stat_names]))
                 return loss_sum / scale
             return loss_fn
 
@@ -121,7 +125,7 @@ class TrainModule:
                        z_coeff=m.moe_z_loss_coeff, grad_share=self.ctx.layout.tp, device=self.ctx.device,
                        sum_over_sequence=partial(reduce_from_cp, group=self.ctx.group("cp")))
 
-    def _global_metrics(self, stats: torch.Tensor, normaliser: float,
+    def _global_metrics(self, objective: Objective, stats: torch.Tensor, normaliser: float,
                         moe: Optional[MoEStep] = None) -> Dict[str, float]:
         """The objective's metrics from its statistics summed over this rank's micro-batches and
         then over all ranks (ranks without the last stage contribute zeros), with an MoE model's
@@ -129,13 +133,13 @@ class TrainModule:
         values = stats.clone() if moe is None else torch.cat([stats, moe.totals().flatten()])
         if self.ctx.world_size > 1:
             dist.all_reduce(values)
-        replicated_over = (WHOLE_SEQUENCE_STATS_REPLICATED_OVER if self.objective.whole_sequence
+        replicated_over = (WHOLE_SEQUENCE_STATS_REPLICATED_OVER if objective.whole_sequence
                            else STATS_REPLICATED_OVER)
         replicas = math.prod(self.ctx.layout.size(axis) for axis in replicated_over)
         values = values / replicas
-        count = len(self.objective.stat_names)
-        totals = {n: v for n, v in zip(self.objective.stat_names, values[:count].tolist())}
-        metrics = self.objective.metrics(totals, normaliser)
+        count = len(objective.stat_names)
+        totals = {n: v for n, v in zip(objective.stat_names, values[:count].tolist())}
+        metrics = objective.metrics(totals, normaliser)
         if moe is not None:
             moe_totals = values[count:].view(moe.records.shape[1:])
             metrics.update(MoEStep.metrics(moe_totals, range(moe.num_layers)))
@@ -158,7 +162,7 @@ class TrainModule:
         normaliser = self.objective.normaliser(batch)
         micro_batches = self._micro_batches(batch)
         moe = self._moe_step(micro_batches, batch)
-        stats, loss_fn_for = self._accumulator()
+        stats, loss_fn_for = self._accumulator(self.objective)
         loss_fn = loss_fn_for(micro_batches, normaliser)
         self.optimizer.zero_grad()
         if self.ctx.layout.pp == 1:
@@ -172,7 +176,7 @@ class TrainModule:
         self.model.forward_backward(micro_batches, loss_fn, before_backward, moe)
         self.optimizer.finish_gradients()
         norm = self.optimizer.grad_norm()
-        metrics = self._global_metrics(stats, normaliser, moe)
+        metrics = self._global_metrics(self.objective, stats, normaliser, moe)
         metrics["grad_norm"] = float(norm)
         return metrics, norm
 
@@ -205,8 +209,8 @@ class TrainModule:
         """
         per_round = self.ctx.layout.dp * self.micro_batch_rows
         batch = batch.pad_rows(-(-batch.num_rows // per_round) * per_round)
-        normaliser = self.objective.normaliser(batch)
+        normaliser = self.eval_objective.normaliser(batch)
         micro_batches = self._micro_batches(batch)
-        stats, loss_fn_for = self._accumulator()
+        stats, loss_fn_for = self._accumulator(self.eval_objective)
         self.model.forward_only(micro_batches, loss_fn_for(micro_batches, 1.0))
-        return self._global_metrics(stats, normaliser)
+        return self._global_metrics(self.eval_objective, stats, normaliser)

@@ -80,6 +80,9 @@ def test_bad_overrides_name_the_key(override, fragment):
     ("--parallel.cp=2 --model.attention_dropout=0.1", "parallel.cp: attention dropout"),
     ("--parallel.cp=2 --parallel.cp_attention=p2p", "parallel.cp_attention"),
     ("--parallel.cp=2 --model.num_experts=4 --model.moe_capacity_factor=1.25", "parallel.cp: model.moe_capacity_factor"),
+    ("--train.eval_position_buckets=-1", "train.eval_position_buckets"),
+    ("--train.seq_len=64 --train.eval_position_buckets=65", "train.eval_position_buckets: 65 buckets"),
+    ("--train.eval_position_buckets=4 --objective.kind=dpo --data.source=preference", "train.eval_position_buckets"),
 ])
 def test_semantic_validation_names_the_key(override, fragment):
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):

@@ -14,7 +14,7 @@ from tests.distributed import run_distributed
 from tests.tiny_run import LR, global_batches, make_config, reference_run
 
 pytestmark = pytest.mark.slow
-STEPS, SEQ, EOD = 5, 16, 0
+STEPS, SEQ, EOD, BUCKETS = 5, 16, 0, 4
 
 # (name, parallel settings, document mask) per world size
 LAYOUTS = {
@@ -31,22 +31,29 @@ LAYOUTS = {
 }
 
 
+def _train_and_evaluate(name, parallel, masked):
+    """(losses, grad norms) of the steps, and the loss by position of an evaluation after them."""
+    cfg = make_config(seq_len=SEQ, **parallel)
+    cfg.train.eval_position_buckets = BUCKETS
+    p = cfg.parallel
+    ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=120)
+    module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
+    batches = global_batches(STEPS + 1, document_eod=EOD if masked else None, seq_len=SEQ)
+    steps = [module.step(batch, LR) for batch in batches[:STEPS]]
+    by_position = {k: v for k, v in module.evaluate(batches[STEPS]).items() if k.startswith("loss_by_position/")}
+    return [s["loss"] for s in steps], [s["grad_norm"] for s in steps], by_position
+
+
 def _losses(layouts):
-    results = {}
-    for name, parallel, masked in layouts:
-        cfg = make_config(seq_len=SEQ, **parallel)
-        p = cfg.parallel
-        ctx = ParallelContext.initialize(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, timeout_s=120)
-        module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0))
-        steps = [module.step(batch, LR) for batch in global_batches(STEPS, document_eod=EOD if masked else None,
-                                                                    seq_len=SEQ)]
-        results[name] = ([s["loss"] for s in steps], [s["grad_norm"] for s in steps])
-    return results
+    return {name: _train_and_evaluate(name, parallel, masked) for name, parallel, masked in layouts}
 
 
 @pytest.fixture(scope="module")
 def references():
-    return {masked: reference_run(STEPS, document_eod=EOD if masked else None, seq_len=SEQ)
+    """The plain model's losses and norms; the loss by position from the one-process engine (whose
+    buckets tests/objectives/test_position_buckets.py checks against float64)."""
+    return {masked: (*reference_run(STEPS, document_eod=EOD if masked else None, seq_len=SEQ),
+                     _train_and_evaluate("one", {}, masked)[2])
             for masked in (False, True)}
 
 
@@ -55,11 +62,16 @@ def test_cp_layouts_match_one_process(references, world):
     layouts = LAYOUTS[world]
     per_rank = run_distributed(_losses, world, args=(layouts,), timeout=500)
     for name, _, masked in layouts:
-        losses, norms = references[masked]
+        losses, norms, by_position = references[masked]
+        # Masked, no document passes 6 tokens: the buckets from position 8 are empty.
+        assert len(by_position) == (2 if masked else BUCKETS), by_position
         for rank_results in per_rank:
-            got_losses, got_norms = rank_results[name]
+            got_losses, got_norms, got_by_position = rank_results[name]
             assert got_losses == pytest.approx(losses, rel=1e-4), name
             assert got_norms == pytest.approx(norms, rel=1e-4), name
+            assert sorted(got_by_position) == sorted(by_position), name
+            for key, value in by_position.items():
+                assert got_by_position[key] == pytest.approx(value, rel=1e-4), (name, key)
 
 
 def test_the_document_mask_changes_the_reference():

@@ -52,3 +52,18 @@ def test_the_passkey_sits_at_its_depth_and_the_answer_follows_the_question(tool,
 def test_a_length_too_short_for_the_prompt_is_a_usage_error(tool):
     with pytest.raises(tool.UsageError, match="--lengths 10: too short"):
         tool.passkey_prompt(_word_tokenizer(), 10, 0.5, "12345")
+
+
+def test_data_overrides_change_only_the_data_read(tool):
+    from megacpm.config import Config, ConfigError
+
+    cfg = Config()
+    other = tool.data_config(cfg, ["--data.path=long.txt", "--data.val_fraction=0.5"])
+    assert (other.data.path, other.data.val_fraction) == ("long.txt", 0.5)
+    assert (cfg.data.path, cfg.data.val_fraction) != ("long.txt", 0.5)  # the checkpoint's config is left alone
+    assert other.model == cfg.model
+    assert tool.data_config(cfg, []) is cfg
+    with pytest.raises(tool.UsageError, match="--model.vocab_size: only data"):
+        tool.data_config(cfg, ["--model.vocab_size=3"])
+    with pytest.raises(ConfigError, match="data.no_such_key"):
+        tool.data_config(cfg, ["--data.no_such_key=1"])
