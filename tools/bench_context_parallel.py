@@ -9,8 +9,10 @@ peak memory against cp, and the bytes each rank moves per layer against the anal
 Each cp runs as cp gloo processes on this machine (NCCL and one GPU per rank on CUDA: --device cuda
 under torchrun is not needed, the tool spawns them), one training step of train.micro_batch_size
 sequences of train.seq_len tokens per rank group (dp 1), through megacpm's TrainModule: the
-head-tail split, the cp attention core (parallel.cp_attention: all_gather, ring, or both), RoPE at
-global positions, the gradient all-reduce over cp. Reported per cp and core, from every rank:
+head-tail split, the cp attention core (parallel.cp_attention: all_gather, ring; ring_masked is the
+ring with its masked block kernel instead of the fused chunk pairs it picks without a document
+mask; "both", the default, runs all three), RoPE at global positions, the gradient all-reduce over
+cp. Reported per cp and core, from every rank:
 
 - step time: the median of --steps steps after --warmup, the slowest rank's;
 - peak memory: the rank's peak resident set (CUDA: max_memory_allocated) above its level before
@@ -47,15 +49,20 @@ from bench_train import random_batches, synchronize  # noqa: E402
 from megacpm.config import ConfigError, load_config, validate  # noqa: E402
 from megacpm.config.schema import CpAttention  # noqa: E402
 from megacpm.model import count_parameters  # noqa: E402
+from megacpm.model.minicpm import Attention  # noqa: E402
 from megacpm.parallel.comm_stats import CommAccounting  # noqa: E402
 from megacpm.parallel.context import ParallelContext  # noqa: E402
+from megacpm.parallel.context_parallel import RingAttention  # noqa: E402
 from megacpm.parallel.local_launch import run_distributed  # noqa: E402
 from megacpm.train.device import param_dtype, resolve_device  # noqa: E402
 from megacpm.train.memory import estimate_training_memory  # noqa: E402
 from megacpm.train.train_module import TrainModule  # noqa: E402
 
 PROG = "bench_context_parallel"
-CORES = get_args(CpAttention)
+# The cp cores (parallel.cp_attention), and the ring with its masked block kernel instead of the
+# fused chunk pairs it picks without a document mask (megacpm.parallel.context_parallel).
+RING_MASKED = "ring_masked"
+CORES = (*get_args(CpAttention), RING_MASKED)
 
 
 class UsageError(Exception):
@@ -63,20 +70,27 @@ class UsageError(Exception):
 
 
 def _configure(cfg, cp: int, core: str):
-    cfg.parallel.cp, cfg.parallel.cp_attention = cp, core
+    cfg.parallel.cp, cfg.parallel.cp_attention = cp, "ring" if core == RING_MASKED else core
     cfg.parallel.tp = cfg.parallel.pp = cfg.parallel.vpp = 1
     cfg.parallel.sp = cfg.parallel.zero1 = False
     cfg.train.global_batch_size = cfg.train.micro_batch_size
     return cfg
 
 
-def _rank_worker(cfg, steps: int, warmup: int):
+def _attention_cores(module):
+    return [m.attention_fn for m in module.model.modules() if isinstance(m, Attention)]
+
+
+def _rank_worker(cfg, steps: int, warmup: int, ring_kernel: str = "auto"):
     """One cp layout's measurements on this rank."""
     device = resolve_device(cfg)
     ctx = ParallelContext.initialize(cp=cfg.parallel.cp, timeout_s=cfg.parallel.timeout_s,
                                      device_type=device.type)
     torch.manual_seed(0)
     module = TrainModule(cfg, ctx, generator=torch.Generator().manual_seed(0), param_dtype=param_dtype(cfg, device))
+    for attention_fn in _attention_cores(module):
+        if isinstance(attention_fn, RingAttention):
+            attention_fn.block_kernel = ring_kernel
     batches = random_batches(cfg, warmup + steps)
     with CommAccounting(ctx) as comm:
         module.evaluate(batches[0])  # one forward: the cp group's forward traffic
@@ -119,8 +133,9 @@ def measure(base_cfg, cps, cores, steps: int, warmup: int) -> dict:
             cfg = _configure(copy.deepcopy(base_cfg), cp, core if cp > 1 else "all_gather")
             validate(cfg, world_size=cp, check_data=False)
             # cp 1 runs in this process: a group of one needs no spawn.
-            per_rank = run_distributed(_rank_worker, cp, args=(cfg, steps, warmup), timeout=1800) if cp > 1 \
-                else [_rank_worker(cfg, steps, warmup)]
+            ring_kernel = "masked" if core == RING_MASKED else "auto"
+            per_rank = run_distributed(_rank_worker, cp, args=(cfg, steps, warmup, ring_kernel), timeout=1800) \
+                if cp > 1 else [_rank_worker(cfg, steps, warmup)]
             estimate = estimate_training_memory(cfg, params, resolve_device(cfg).type, world_size=cp)
             measured_forward = max(sum(r["forward_cp_bytes"].values()) for r in per_rank) / cfg.model.num_hidden_layers
             rows.append({"cp": cp, "core": core, "step_s": max(r["step_s"] for r in per_rank),
@@ -128,7 +143,8 @@ def measure(base_cfg, cps, cores, steps: int, warmup: int) -> dict:
                          "peak_bytes": max(r["peak_bytes"] for r in per_rank),
                          "estimated_activation_bytes": estimate["activations"],
                          "forward_bytes_per_layer": measured_forward,
-                         "analytic_forward_bytes_per_layer": analytic_forward_bytes(cfg, core) if cp > 1 else 0,
+                         "analytic_forward_bytes_per_layer": analytic_forward_bytes(cfg, cfg.parallel.cp_attention)
+                         if cp > 1 else 0,
                          "memory_kind": per_rank[0]["memory_kind"]})
     baseline = rows[0]
     for row in rows:
@@ -157,7 +173,7 @@ def main(argv=None) -> int:
                            allow_abbrev=False)
     parser.add_argument("config", help="preset name or YAML file (its model; dp 1, no tp/pp)")
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4], help="context-parallel sizes (default 1 2 4)")
-    parser.add_argument("--attention", choices=(*CORES, "both"), default="both", help="the cp core(s) measured")
+    parser.add_argument("--attention", choices=(*CORES, "both"), default="both", help="the cp core(s) measured (both: every one)")
     parser.add_argument("--steps", type=int, default=3, help="measured steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

@@ -15,7 +15,9 @@ context parallelism lives, injected as each Attention's ``attention_fn`` by
   transfer in flight while the current one is computed; the partial outputs merge by their
   log-sum-exp (out = sum_i out_i exp(lse_i - lse), fp32), and the backward passes the blocks
   around again with their dK, dV accumulating until they return to their owner. No rank ever
-  holds more than two blocks of K and V. The block kernel here is PyTorch's, in fp32 (or the inputs' wider dtype).
+  holds more than two blocks of K and V. A block is computed by PyTorch's fused attention with its
+  log-sum-exp (the CPU kernel, the CUDA flash kernel in bf16 / fp16) on the chunk pairs that see
+  each other, or, under a document mask, by one masked computation in fp32.
 
 Document masks (packed data) hold under both: the document ids are all-gathered once per call
 (int ids: a few bytes per token). RoPE needs nothing from here: position ids are global and the
@@ -36,6 +38,7 @@ from megacpm.model.minicpm import Attention
 from megacpm.parallel.mappings import Group, _all_gather, gather_from_sp, group_size
 
 CP_ATTENTION = get_args(CpAttention)  # parallel.cp_attention's choices
+RING_BLOCK_KERNELS = ("auto", "fused", "masked")
 
 
 def global_order(cp: int) -> torch.Tensor:
@@ -119,6 +122,8 @@ class _Ring:
         return received, works
 
     def shift(self, send: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:  # a ring of one (the kernels checked on one device): the block stays
+            return send
         received, works = self.start(send)
         for work in works:
             work.wait()
@@ -165,26 +170,86 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor
     return out, merged
 
 
+# -- the ring's block kernels ----------------------------------------------------------------------
+# Under the head-tail split a rank's queries are two chunks (global chunks a0 < a1) and every block
+# of keys two chunks (b0 < b1); chunk a sees chunk b whole when a > b, causally when a == b and not at
+# all when a < b. So without a document mask a block is at most four fused-attention calls on
+# chunk pairs, each plain or causal (top-left aligned: the chunks are the same positions), whose
+# results merge by their log-sum-exp; the backward of each pair is the fused backward given the
+# merged output and log-sum-exp (the exact gradient of its share). With a document mask the block
+# is one masked PyTorch computation (below).
+def _fused_available(q: torch.Tensor) -> bool:
+    """Whether PyTorch's fused attention with its log-sum-exp runs for ``q``'s device and dtype:
+    the CPU kernel (any float), the CUDA flash kernel (fp16 / bf16)."""
+    if q.device.type == "cpu":
+        return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _fused_forward(q, k, v, causal: bool, scale: float):
+    """(out [b, h, n, d] in q's dtype, fp32-or-wider lse [b, h, n], what the backward needs)."""
+    if q.device.type == "cuda":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse, None
+
+
+def _fused_backward(grad_out, q, k, v, out, lse, causal: bool, scale: float, saved):
+    """(dq, dk, dv) of one chunk pair given the merged out and lse of the queries."""
+    if q.device.type == "cuda":
+        cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+def chunk_pairs(q_rank: int, k_rank: int, cp: int) -> List[Tuple[int, int, bool]]:
+    """(query slot, key slot, causal) of the chunk pairs that attend when cp rank ``q_rank``'s
+    queries meet cp rank ``k_rank``'s keys (slots 0 and 1: each rank's two chunks in its order)."""
+    pairs = []
+    for i, a in enumerate(head_tail_chunks(q_rank, cp)):
+        for j, b in enumerate(head_tail_chunks(k_rank, cp)):
+            if a >= b:
+                pairs.append((i, j, a == b))
+    return pairs
+
+
 class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, q_index, q_docs, docs_all, ring: _Ring, seq_len: int):
-        # [b, n, h, d] -> [b, h, n, d] in at least fp32; K and V travel at their kv heads and are
-        # expanded per block.
+    def forward(ctx, q, k, v, q_index, q_docs, docs_all, ring: _Ring, seq_len: int, fused: bool):
+        # [b, n, h, d] -> [b, h, n, d]. The masked kernel computes in at least fp32; the fused one
+        # in the inputs' dtype (merging in fp32). K and V travel at their kv heads and are expanded
+        # per block.
         n_heads = q.shape[2]
-        compute = torch.promote_types(q.dtype, torch.float32)
+        compute = q.dtype if fused else torch.promote_types(q.dtype, torch.float32)
+        merge = torch.promote_types(q.dtype, torch.float32)
         qf, kf, vf = (t.transpose(1, 2).to(compute) for t in (q, k, v))
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out = torch.zeros_like(qf)
-        lse = torch.full(qf.shape[:-1], float("-inf"), device=q.device, dtype=compute)
+        chunk = qf.shape[2] // 2
+        out = torch.zeros(qf.shape, device=q.device, dtype=merge)
+        lse = torch.full(qf.shape[:-1], float("-inf"), device=q.device, dtype=merge)
         block = torch.stack([kf, vf])
+        saved, lse_dtype = {}, merge
         for step in range(ring.size):
             pending = ring.start(block) if step < ring.size - 1 else None
             source = ring.source(step)
-            k_index = context_parallel_index(source, ring.size, seq_len, q.device)
-            allowed = _allowed(q_index, k_index, q_docs, None if docs_all is None else docs_all[:, k_index])
-            block_out, block_lse = _block_forward(qf, repeat_kv_heads(block[0], n_heads),
-                                                  repeat_kv_heads(block[1], n_heads), allowed, scale)
-            out, lse = merge_partials(out, lse, block_out, block_lse)
+            k_rep, v_rep = repeat_kv_heads(block[0], n_heads), repeat_kv_heads(block[1], n_heads)
+            if fused:
+                for i, j, causal in chunk_pairs(ring.index, source, ring.size):
+                    qs, ks = slice(i * chunk, (i + 1) * chunk), slice(j * chunk, (j + 1) * chunk)
+                    block_out, block_lse, saved[(step, i, j)] = _fused_forward(
+                        qf[:, :, qs], k_rep[:, :, ks], v_rep[:, :, ks], causal, scale)
+                    lse_dtype = block_lse.dtype  # the kernel's, handed back to its backward
+                    out[:, :, qs], lse[:, :, qs] = merge_partials(out[:, :, qs], lse[:, :, qs],
+                                                                  block_out.to(merge), block_lse.to(merge))
+            else:
+                k_index = context_parallel_index(source, ring.size, seq_len, q.device)
+                allowed = _allowed(q_index, k_index, q_docs, None if docs_all is None else docs_all[:, k_index])
+                block_out, block_lse = _block_forward(qf, k_rep, v_rep, allowed, scale)
+                out, lse = merge_partials(out, lse, block_out, block_lse)
             if pending is not None:
                 received, works = pending
                 for work in works:
@@ -192,6 +257,7 @@ class _RingAttentionFunction(torch.autograd.Function):
                 block = received
         ctx.save_for_backward(qf, kf, vf, out, lse, q_index, q_docs, docs_all)
         ctx.ring, ctx.seq_len, ctx.dtype, ctx.scale = ring, seq_len, q.dtype, scale
+        ctx.fused, ctx.saved, ctx.lse_dtype = fused, saved, lse_dtype
         return out.transpose(1, 2).to(q.dtype)
 
     @staticmethod
@@ -199,22 +265,39 @@ class _RingAttentionFunction(torch.autograd.Function):
         qf, kf, vf, out, lse, q_index, q_docs, docs_all = ctx.saved_tensors
         ring, scale = ctx.ring, ctx.scale
         n_heads, kv_heads = qf.shape[1], kf.shape[1]
+        accumulate = torch.promote_types(qf.dtype, torch.float32)
         grad_out = grad_out.transpose(1, 2).to(qf.dtype)
-        delta = (grad_out * out).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
-        grad_q = torch.zeros_like(qf)
+        if ctx.fused:
+            out_c, lse_c = out.to(qf.dtype), lse.to(ctx.lse_dtype)
+        else:
+            delta = (grad_out * out).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
+        chunk = qf.shape[2] // 2
+        grad_q = torch.zeros(qf.shape, device=qf.device, dtype=accumulate)
         block = torch.stack([kf, vf])
-        grad_block = torch.zeros_like(block)  # dK, dV of the block held, travelling with it
+        grad_block = torch.zeros(block.shape, device=qf.device, dtype=accumulate)  # dK, dV of the block held
         for step in range(ring.size):
             pending = ring.start(block) if step < ring.size - 1 else None
             source = ring.source(step)
-            k_index = context_parallel_index(source, ring.size, ctx.seq_len, qf.device)
-            allowed = _allowed(q_index, k_index, q_docs, None if docs_all is None else docs_all[:, k_index])
             k_rep, v_rep = repeat_kv_heads(block[0], n_heads), repeat_kv_heads(block[1], n_heads)
-            probs = torch.exp(_block_scores(qf, k_rep, allowed, scale) - lse[..., None])
-            grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-            grad_scores = probs * (torch.matmul(grad_out, v_rep.transpose(-1, -2)) - delta)
-            grad_q += torch.matmul(grad_scores, k_rep) * scale
-            grad_k = torch.matmul(grad_scores.transpose(-1, -2), qf) * scale
+            if ctx.fused:
+                grad_k = torch.zeros(k_rep.shape, device=qf.device, dtype=accumulate)
+                grad_v = torch.zeros_like(grad_k)
+                for i, j, causal in chunk_pairs(ring.index, source, ring.size):
+                    qs, ks = slice(i * chunk, (i + 1) * chunk), slice(j * chunk, (j + 1) * chunk)
+                    dq, dk, dv = _fused_backward(grad_out[:, :, qs], qf[:, :, qs], k_rep[:, :, ks], v_rep[:, :, ks],
+                                                 out_c[:, :, qs], lse_c[:, :, qs], causal, scale,
+                                                 ctx.saved[(step, i, j)])
+                    grad_q[:, :, qs] += dq
+                    grad_k[:, :, ks] += dk
+                    grad_v[:, :, ks] += dv
+            else:
+                k_index = context_parallel_index(source, ring.size, ctx.seq_len, qf.device)
+                allowed = _allowed(q_index, k_index, q_docs, None if docs_all is None else docs_all[:, k_index])
+                probs = torch.exp(_block_scores(qf, k_rep, allowed, scale) - lse[..., None])
+                grad_v = torch.matmul(probs.transpose(-1, -2), grad_out)
+                grad_scores = probs * (torch.matmul(grad_out, v_rep.transpose(-1, -2)) - delta)
+                grad_q += torch.matmul(grad_scores, k_rep) * scale
+                grad_k = torch.matmul(grad_scores.transpose(-1, -2), qf) * scale
             grad_block[0] += sum_kv_groups(grad_k, kv_heads)
             grad_block[1] += sum_kv_groups(grad_v, kv_heads)
             grad_block = ring.shift(grad_block)  # after the last step it is this rank's own again
@@ -224,7 +307,8 @@ class _RingAttentionFunction(torch.autograd.Function):
                     work.wait()
                 block = received
         to_model = lambda t: t.transpose(1, 2).to(ctx.dtype)  # noqa: E731
-        return to_model(grad_q), to_model(grad_block[0]), to_model(grad_block[1]), None, None, None, None, None
+        return (to_model(grad_q), to_model(grad_block[0]), to_model(grad_block[1]),
+                None, None, None, None, None, None)
 
 
 def repeat_kv_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -244,9 +328,21 @@ class RingAttention:
 
     communicates = True  # peer-to-peer inside: train.compile leaves it eager
 
-    def __init__(self, group: Group):
-        self.group = group
+    def __init__(self, group: Group, block_kernel: str = "auto"):
+        if block_kernel not in RING_BLOCK_KERNELS:
+            raise ValueError(f"ring block kernel: expected one of {', '.join(RING_BLOCK_KERNELS)}, got {block_kernel!r}")
+        self.group, self.block_kernel = group, block_kernel
         self.ring = _Ring(group)
+
+    def uses_fused(self, q: torch.Tensor, document_ids: Optional[torch.Tensor]) -> bool:
+        """The fused chunk-pair kernel ("auto": without a document mask, where PyTorch has one for
+        q's device and dtype); the masked PyTorch kernel otherwise."""
+        if self.block_kernel == "masked" or document_ids is not None:
+            return False
+        available = _fused_available(q)
+        if self.block_kernel == "fused" and not available:
+            raise ValueError(f"ring block kernel fused: no fused attention for {q.dtype} on {q.device.type}")
+        return available
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                  document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -254,7 +350,8 @@ class RingAttention:
         seq_len = q.shape[1] * self.ring.size
         q_index = context_parallel_index(self.ring.index, self.ring.size, seq_len, q.device)
         docs_all = None if document_ids is None else gather_ids(document_ids, self.group)
-        return _RingAttentionFunction.apply(q, k, v, q_index, document_ids, docs_all, self.ring, seq_len)
+        return _RingAttentionFunction.apply(q, k, v, q_index, document_ids, docs_all, self.ring, seq_len,
+                                            self.uses_fused(q, document_ids))
 
 
 def plan_context_parallel(model, group: Group, impl: str = "all_gather") -> None:

@@ -1,6 +1,7 @@
 """Context-parallel attention cores (all-gather and ring) in 2 and 4 gloo processes against one
 process's causal attention of the whole sequence, in float64: values and the gradients of q, k
-and v, with grouped-query heads, with and without a document mask.
+and v, with grouped-query heads, with and without a document mask; the ring with each block
+kernel (fused chunk pairs, masked).
 
 Each rank draws the whole sequence from a seed shared by the ranks, computes the reference on it
 with the single-process core (megacpm.model.attention.sdpa_attention), and runs the cp core on its
@@ -50,9 +51,13 @@ def _worker():
         reference = [t.index_select(1, index) for t in reference]
         for name, core in (("all_gather", AllGatherAttention(group, "sdpa")),
                            ("all_gather_eager", AllGatherAttention(group, "eager")),
-                           ("ring", RingAttention(group))):
+                           ("ring", RingAttention(group)),
+                           ("ring_masked", RingAttention(group, "masked"))):
             local = [t.index_select(1, index) for t in (q, k, v, weights)]
-            got = _run(core, *local, docs.index_select(1, index) if masked else None)
+            local_docs = docs.index_select(1, index) if masked else None
+            if name == "ring":  # the fused chunk-pair kernel without a mask, the masked one with
+                assert core.uses_fused(local[0], local_docs) == (not masked)
+            got = _run(core, *local, local_docs)
             results[(name, masked)] = max(float((a - b).abs().max()) for a, b in zip(got, reference))
     ctx.destroy()
     return results

@@ -14,7 +14,9 @@ Shapes on a GPU: MiniCPM-1.2B (hidden 1536, 24 heads, 8 kv heads, head_dim 64, v
 q and on k as non-contiguous views of a fused qkv projection), 2048 tokens for the [tokens, vocab]
 logits of the cross entropies, 4096 for the fused linear ones (several token chunks). The
 vocab-parallel kernels run on one rank of a one-process group (gloo on the CPU, NCCL on CUDA); the
-fused one with a padded shard (valid_rows < rows). The CPU rehearsal runs the same cases at tiny odd
+fused one with a padded shard (valid_rows < rows). Context parallelism's ring core runs there too,
+on a ring of one (its block kernel and log-sum-exp merge; the exchange is tested over gloo in
+tests/parallel). The CPU rehearsal runs the same cases at tiny odd
 sizes under the Triton interpreter.
 """
 from __future__ import annotations
@@ -158,6 +160,29 @@ def flce_case(label, tokens, hidden, vocab, scale, chunk=None, pad=0, reduction=
                                                      chunk_tokens=chunk), ref, "tf32")
 
 
+def ref_causal_attention(q, k, v):
+    """Causal attention of [b, n, h, d] queries over [b, n, kv_heads, d] keys and values, written out."""
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = q.transpose(1, 2), k.repeat_interleave(groups, 2).transpose(1, 2), v.repeat_interleave(groups, 2).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    n = q.shape[2]
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(1, 2)
+
+
+def ring_case(label, batch, seq, heads, kv, head_dim):
+    """Context parallelism's ring core on a ring of one rank: its block kernel (the fused chunk pairs
+    where PyTorch has a fused attention for the dtype: CUDA bf16, any CPU float) and the log-sum-exp
+    merge, forward and backward, without the peer-to-peer exchange."""
+    def make(g, dt):
+        return ([_randn(g, (batch, seq, heads, head_dim), dt), _randn(g, (batch, seq, kv, head_dim), dt),
+                 _randn(g, (batch, seq, kv, head_dim), dt)], ["dq", "dk", "dv"])
+    from megacpm.parallel.context_parallel import RingAttention
+    return Case("ring_attention", f"{label} 1 rank [{batch}, {seq}, {heads} ({kv} kv), {head_dim}]", make,
+                lambda i: RingAttention(dist.group.WORLD)(i[0], i[1], i[2]), lambda i: ref_causal_attention(*i),
+                "tf32")  # fp32 on CUDA is the masked kernel, whose matmuls may run in TF32
+
+
 def cases(env: Env) -> List[Case]:
     if env.cuda:
         # (label, hidden, heads, kv heads, vocab); head_dim 64; logit scale 1 / (hidden / 256)
@@ -169,7 +194,8 @@ def cases(env: Env) -> List[Case]:
                     rotary_case(label, 2, 4096, heads, kv, 64, "q"), rotary_case(label, 2, 4096, heads, kv, 64, "k"),
                     ce_case(label, 2048, vocab, scale),
                     flce_case(label, 4096, hidden, vocab, scale)]
-        out += [vp_ce_case("2.4B", 2048, 122753, 256.0 / 2304),
+        out += [ring_case("1.2B", 1, 4096, 24, 8, 64),
+                vp_ce_case("2.4B", 2048, 122753, 256.0 / 2304),
                 flce_case("2.4B", 4096, 2304, 122753, 256.0 / 2304, pad=127, reduction="sum")]
         return out
     # the rehearsal: tiny odd sizes (the interpreter pays ~1 ms per program instance)
@@ -178,6 +204,7 @@ def cases(env: Env) -> List[Case]:
             rotary_case("tiny GQA", 2, 7, 4, 2, 16, "q"), rotary_case("tiny GQA", 2, 7, 4, 2, 16, "k"),
             ce_case("tiny", 29, 301, scale),
             vp_ce_case("tiny", 29, 257, scale),
+            ring_case("tiny GQA", 2, 12, 4, 2, 8),
             flce_case("tiny", 29, 48, 211, scale, chunk=8),
             flce_case("tiny", 29, 48, 211, scale, chunk=8, pad=13, reduction="sum")]
 
@@ -259,7 +286,7 @@ def run(env: Env) -> List[Row]:
     try:
         seed = 1000
         for case in cases(env):
-            if "vocab_parallel" in case.kernel and not dist.is_initialized():
+            if ("vocab_parallel" in case.kernel or case.kernel == "ring_attention") and not dist.is_initialized():
                 continue  # the failing row above stands for it
             for dtype in (torch.float32, torch.bfloat16):
                 seed += 1
