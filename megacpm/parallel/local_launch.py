@@ -12,6 +12,7 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import random
 import socket
 import time
 import traceback
@@ -19,7 +20,35 @@ import traceback
 import torch
 
 
+# Ports handed out below the kernel's ephemeral range: a port picked there (bind to 0) can be taken
+# meanwhile as the source port of any outgoing connection (a gloo or store client of an earlier
+# group), and a group told to listen on it later fails with EADDRINUSE.
+_PORT_FLOOR = 10000
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open(_EPHEMERAL_RANGE) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and, where the ephemeral range leaves room below
+    it, outside that range (so no outgoing connection takes it before the group listens on it)."""
+    low = _ephemeral_low()
+    if low > _PORT_FLOOR + 1000:
+        chooser = random.SystemRandom()
+        for _ in range(200):
+            port = chooser.randrange(_PORT_FLOOR, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

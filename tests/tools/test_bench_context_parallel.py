@@ -22,10 +22,11 @@ def test_rows_and_bytes_against_the_analytic_volume():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     rows = {(r["cp"], r["core"]): r for r in report["rows"]}
-    assert set(rows) == {(1, "none"), (2, "all_gather"), (2, "ring")}
+    assert set(rows) == {(1, "none"), (2, "all_gather"), (2, "ring"), (2, "ring_masked")}
     kv_bytes = 2 * 2 * 2 * 8 * 4  # K and V x micro-batch 2 x 2 kv heads x head_dim 8 x fp32, per token
     assert rows[(2, "all_gather")]["forward_bytes_per_layer"] == kv_bytes * 32  # the gathered sequence
     assert rows[(2, "ring")]["forward_bytes_per_layer"] == kv_bytes * 16  # one block of 16 tokens sent
+    assert rows[(2, "ring_masked")]["forward_bytes_per_layer"] == kv_bytes * 16  # the same ring, another kernel
     assert rows[(1, "none")]["forward_bytes_per_layer"] == 0
     for row in rows.values():
         assert row["step_s"] > 0 and row["tokens_per_s"] == pytest.approx(2 * 32 / row["step_s"])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -31,6 +30,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megacpm.parallel.local_launch import free_port
 from gpucheck.common import REL_ERROR_BOUNDS, Env, Row, check, poison_allocator, rel_error
 
 IGNORE = -100
@@ -258,17 +258,11 @@ def run_case(case: Case, dtype: torch.dtype, seed: int, env: Env) -> List[Row]:
 
 
 # -- the one-process group -------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_group(env: Env) -> bool:
     if dist.is_initialized():
         return False
     os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     if env.cuda:
         torch.cuda.set_device(env.device)
     dist.init_process_group("nccl" if env.cuda else "gloo", rank=0, world_size=1)
