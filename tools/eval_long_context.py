@@ -8,9 +8,9 @@ documents, and a passkey-retrieval probe, each with a PNG plot.
 
 Loss by position (positions.json, positions.png): for each --lengths L, --windows validation
 samples of L tokens from the run's own data config (the held-out split; the same documents for a
-parent and its branch that keeps its data; ``--data.KEY=VALUE`` overrides read other documents, e.g. a
-parent on its branch's long ones), one forward each; every token's cross entropy, averaged over --buckets equal
-ranges of positions. A model that uses its context has a curve that falls with the position; one
+parent and its branch that keeps its data; ``--data.KEY=VALUE`` overrides read other documents,
+e.g. a parent on its branch's long ones), one forward each; every token's cross entropy, averaged
+over --buckets equal ranges of positions (train.eval_position_buckets' rule). A model that uses its context has a curve that falls with the position; one
 evaluated past the length it was trained for shows where it stops using it (the loss rises again).
 Lengths past the training length are allowed: RoPE has no length limit, and with
 ``model.rope_scaling`` the dynamic-NTK base grows as it does in training.
@@ -230,9 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=4, help="keys per (length, depth)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-    args, data_overrides = parser.parse_known_args(argv)
-    if any(not arg.startswith("--data.") for arg in data_overrides if arg.startswith("--")):
-        parser.error(f"unrecognized arguments: {' '.join(data_overrides)} (besides the options, only --data.KEY=VALUE)")
+    args, data_overrides = parser.parse_known_args(argv)  # the rest: --data.KEY=VALUE (data_config checks)
 
     def body() -> int:
         if min(args.lengths) < 2 or args.windows < 1 or args.buckets < 1 or args.trials < 1:

@@ -100,7 +100,8 @@ class MicroBatchMoE:
         with torch.no_grad():
             counts = torch.bincount(routing.experts.reshape(-1), minlength=step.num_experts).float()
             sequence_counts = step.sum_over_sequence(counts)
-        balance = load_balancing_loss(routing, step.num_experts, load=sequence_counts / sequence_counts.sum().clamp_min(1.0))
+            load = sequence_counts / sequence_counts.sum().clamp_min(1.0)
+        balance = load_balancing_loss(routing, step.num_experts, load=load)
         zl = z_loss(routing)  # computed for the metrics also when its coefficient is 0
         loss = step.aux_coeff * balance + step.z_coeff * zl
         with torch.no_grad():

@@ -15,8 +15,9 @@ With h = (pc - rc) - (pr - rr) (policy minus reference, chosen minus rejected):
 Under context parallelism a row's log-probability and its completion-token count are completed
 over the cp ranks (``sequence_sum``); the reference's arrive whole (megacpm.train.reference sums
 the ranks' parts). The step's loss is the mean over the global batch's pairs; a pair without
-completion tokens (the padding of an evaluation batch) counts for nothing. Rewards are beta times the policy-minus-
-reference log-probability; accuracies count pairs whose chosen reward is above the rejected one.
+completion tokens (the padding of an evaluation batch) counts for nothing. Rewards are beta times
+the policy-minus-reference log-probability; accuracies count pairs whose chosen reward is above
+the rejected one.
 """
 from __future__ import annotations
 

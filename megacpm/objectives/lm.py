@@ -22,8 +22,10 @@ from megacpm.objectives.base import Objective, Stats
 
 
 def position_bucket_starts(buckets: int, seq_len: int) -> List[int]:
-    """The first position of each of ``buckets`` equal buckets of positions 0..seq_len."""
-    return [b * seq_len // buckets for b in range(buckets)]
+    """The first position of each of ``buckets`` equal buckets of positions 0..seq_len: bucket b
+    holds the positions p with p * buckets // seq_len == b, so it starts at ceil(b * seq_len / buckets).
+    The one home of the rule (the objective's buckets and tools/eval_long_context.py's)."""
+    return [-(-b * seq_len // buckets) for b in range(buckets)]
 
 
 class LanguageModelling(Objective):
@@ -56,8 +58,9 @@ class LanguageModelling(Objective):
         positions = micro.position_ids
         if positions is None:
             positions = torch.arange(micro.seq_len, device=token_losses.device).expand_as(token_losses)
-        bucket = (positions.to(token_losses.device) * self.position_buckets // self.seq_len).clamp_max(
-            self.position_buckets - 1).reshape(-1)
+        starts = torch.tensor(self.bucket_starts, device=token_losses.device)
+        # The last bucket starting at or before each position (a position past seq_len: the last).
+        bucket = (torch.bucketize(positions.to(token_losses.device), starts, right=True) - 1).reshape(-1)
         counted = (micro.labels != IGNORE_INDEX).reshape(-1).float()
         sums = torch.zeros(self.position_buckets, device=token_losses.device).index_add_(
             0, bucket, token_losses.reshape(-1).float() * counted)

@@ -32,7 +32,7 @@ def _batch(document_mask: bool) -> Batch:
     return batch.with_document_mask(EOD) if document_mask else batch
 
 
-def _expected(model, batch):
+def _expected(model, batch, buckets):
     """{first position: mean NLL} from fp64 logits, positions counted by hand (restarting after each
     end-of-document token when the batch has a document mask)."""
     model = model.double()
@@ -40,8 +40,8 @@ def _expected(model, batch):
         logits = model(batch.input_ids, batch.position_ids, batch.document_ids).double()
     model.float()
     nll = -torch.log_softmax(logits, -1).gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
-    starts = position_bucket_starts(BUCKETS, SEQ)
-    sums, counts = [0.0] * BUCKETS, [0] * BUCKETS
+    starts = position_bucket_starts(buckets, SEQ)
+    sums, counts = [0.0] * buckets, [0] * buckets
     for row in range(batch.num_rows):
         position = 0
         for t in range(SEQ):
@@ -57,18 +57,20 @@ def _expected(model, batch):
 
 @pytest.mark.parametrize("kind", ["lm", "sft"])
 @pytest.mark.parametrize("document_mask", [False, True])
-def test_loss_by_position_matches_float64(kind, document_mask):
+@pytest.mark.parametrize("buckets", [BUCKETS, 5])  # 5 does not divide 24: buckets of 5 and 4 positions
+def test_loss_by_position_matches_float64(kind, document_mask, buckets):
     model, batch = _model(), _batch(document_mask)
-    objective = build_objective(ObjectiveConfig(kind=kind), position_buckets=BUCKETS, seq_len=SEQ)
+    objective = build_objective(ObjectiveConfig(kind=kind), position_buckets=buckets, seq_len=SEQ)
     hidden = model.hidden(batch.input_ids, batch.position_ids, batch.document_ids)
     loss_sum, stats = objective.loss(model, hidden, batch)
     metrics = objective.metrics({k: float(v) for k, v in stats.items()}, objective.normaliser(batch))
-    expected = _expected(model, batch)
+    expected = _expected(model, batch, buckets)
     got = {int(k.split("/")[1]): v for k, v in metrics.items() if k.startswith("loss_by_position/")}
     assert sorted(got) == sorted(expected)
-    # With the mask no document is longer than 10 tokens: the buckets from position 12 hold no
-    # token and are not reported (by window index they would be).
-    assert sorted(got) == ([0, 6] if document_mask else position_bucket_starts(BUCKETS, SEQ))
+    # With the mask no document is longer than 10 tokens: the buckets starting past position 9 hold
+    # no token and are not reported (by window index they would be).
+    starts = position_bucket_starts(buckets, SEQ)
+    assert sorted(got) == ([s for s in starts if s <= 9] if document_mask else starts)
     for start, value in expected.items():
         assert got[start] == pytest.approx(value, rel=1e-5), start
     # The plain loss is unchanged by the buckets.
@@ -92,3 +94,16 @@ def test_evaluation_reports_it_and_training_does_not():
     buckets = [v for k, v in evaluation.items() if k.startswith("loss_by_position/")]
     assert sum(buckets) / len(buckets) == pytest.approx(evaluation["loss"], rel=1e-6)
     assert not any(k.startswith("loss_by_position/") for k in module.step(batch, LR))
+
+
+def test_the_eval_tool_buckets_by_the_same_rule():
+    from pathlib import Path
+
+    from tests.support import imported_tool
+
+    tool_path = Path(__file__).resolve().parents[2] / "tools" / "eval_long_context.py"
+    for tool in imported_tool(tool_path, "eval_long_context_buckets"):
+        losses = torch.arange(10, dtype=torch.float32)[None]
+        means = tool.bucket_means(losses, torch.ones(1, 10, dtype=torch.bool), 3)
+        # positions p with p * 3 // 10 == b: {0..3}, {4..6}, {7..9}
+        assert means == pytest.approx([1.5, 5.0, 8.0])
